@@ -1,0 +1,139 @@
+"""What a routing profile says: expert usage, entropy and imbalance, co-activation, per-token routes,
+and how differently tasks are routed. Every function streams the profile in batches."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+
+from .errors import MoEScopeError
+from .profile import Profile, list_matrix
+
+
+def _usage_arrays(profile: Profile, first_only: bool = False) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray, int]]:
+    """(task, layer) -> (counts [E], gate-weight mass [E], tokens)."""
+    n, k = profile.meta.n_experts, profile.meta.top_k
+    acc: dict[tuple[str, int], list] = defaultdict(lambda: [np.zeros(n, np.int64), np.zeros(n, np.float64), 0])
+    for batch in profile.batches(columns=["task", "layer", "experts", "weights"]):
+        tasks = batch.column("task").to_numpy(zero_copy_only=False)
+        layers = batch.column("layer").to_numpy()
+        experts = list_matrix(batch.column("experts"), k)
+        weights = list_matrix(batch.column("weights"), k)
+        if first_only:
+            experts, weights = experts[:, :1], weights[:, :1]
+        for task in np.unique(tasks):
+            for layer in np.unique(layers):
+                sel = (tasks == task) & (layers == layer)
+                if not sel.any():
+                    continue
+                entry = acc[(str(task), int(layer))]
+                entry[0] += np.bincount(experts[sel].ravel(), minlength=n)
+                entry[1] += np.bincount(experts[sel].ravel(), weights=weights[sel].ravel(), minlength=n)
+                entry[2] += int(sel.sum())
+    return {key: (v[0], v[1], v[2]) for key, v in acc.items()}
+
+
+def expert_usage(profile: Profile) -> pd.DataFrame:
+    """Counts, gate-weight mass and shares per task × layer × expert.
+
+    ``share`` is the fraction of the layer's top-k slots the expert filled (sums to 1 per task × layer);
+    ``weight_share`` is its fraction of the applied gate weight.
+    """
+    rows = []
+    for (task, layer), (counts, mass, tokens) in sorted(_usage_arrays(profile).items()):
+        total, total_mass = counts.sum(), mass.sum()
+        for expert in range(len(counts)):
+            rows.append((task, layer, expert, int(counts[expert]), float(mass[expert]),
+                         counts[expert] / total if total else 0.0,
+                         mass[expert] / total_mass if total_mass else 0.0, tokens))
+    return pd.DataFrame(rows, columns=["task", "layer", "expert", "count", "weight_mass", "share",
+                                       "weight_share", "tokens"])
+
+
+def entropy_bits(p: np.ndarray) -> float:
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def layer_stats(profile: Profile) -> pd.DataFrame:
+    """Per task × layer: routing entropy (bits, and as a fraction of log2 E), load imbalance (max/mean
+    count), coefficient of variation, and experts that received no token."""
+    rows = []
+    n = profile.meta.n_experts
+    for (task, layer), (counts, _, tokens) in sorted(_usage_arrays(profile).items()):
+        share = counts / counts.sum()
+        h = entropy_bits(share)
+        mean = counts.mean()
+        rows.append((task, layer, tokens, h, h / np.log2(n), float(counts.max() / mean),
+                     float(counts.std() / mean), int((counts == 0).sum())))
+    return pd.DataFrame(rows, columns=["task", "layer", "tokens", "entropy_bits", "entropy_norm",
+                                       "imbalance", "cv", "unused_experts"])
+
+
+def coactivation(profile: Profile, layer: int, task: str | None = None) -> np.ndarray:
+    """[E, E] counts of tokens whose top-k holds both experts; the diagonal counts each expert's tokens."""
+    n, k = profile.meta.n_experts, profile.meta.top_k
+    if layer not in profile.meta.layers:
+        raise MoEScopeError(f"Layer {layer} is not in this profile; its layers are {profile.meta.layers}.")
+    matrix = np.zeros((n, n), np.int64)
+    for batch in profile.batches(columns=["task", "layer", "experts"]):
+        sel = pc.equal(batch.column("layer"), layer)
+        if task is not None:
+            sel = pc.and_(sel, pc.equal(batch.column("task"), task))
+        experts = list_matrix(batch.filter(sel).column("experts"), k)
+        for a in range(k):
+            for b in range(k):
+                np.add.at(matrix, (experts[:, a], experts[:, b]), 1)
+    return matrix
+
+
+def token_routes(profile: Profile, task: str, example: int, layer: int) -> pd.DataFrame:
+    """One example's tokens in order with their experts and weights at ``layer`` (for colouring text)."""
+    table = profile.table(filters=[("task", "=", task), ("example", "=", example), ("layer", "=", layer)],
+                          columns=["position", "token_id", "step", "experts", "weights"])
+    df = table.to_pandas().sort_values(["step", "position"], kind="stable").reset_index(drop=True)
+    df["experts"] = df["experts"].map(lambda v: [int(x) for x in v])
+    df["weights"] = df["weights"].map(lambda v: [float(x) for x in v])
+    return df
+
+
+def js_divergence_bits(p: np.ndarray, q: np.ndarray) -> float:
+    p = p / p.sum()
+    q = q / q.sum()
+    m = (p + q) / 2
+    return 0.5 * (_kl_bits(p, m) + _kl_bits(q, m))
+
+
+def _kl_bits(p: np.ndarray, q: np.ndarray) -> float:
+    mask = p > 0
+    return float((p[mask] * np.log2(p[mask] / q[mask])).sum())
+
+
+def task_divergence(profile: Profile) -> pd.DataFrame:
+    """Jensen–Shannon divergence (bits, 0..1) between every pair of tasks' expert usage, per layer."""
+    usage = _usage_arrays(profile)
+    tasks = sorted({t for t, _ in usage})
+    rows = []
+    for layer in profile.meta.layers:
+        for i, a in enumerate(tasks):
+            for b in tasks[i + 1:]:
+                if (a, layer) in usage and (b, layer) in usage:
+                    rows.append((layer, a, b, js_divergence_bits(usage[(a, layer)][0].astype(float),
+                                                                 usage[(b, layer)][0].astype(float))))
+    return pd.DataFrame(rows, columns=["layer", "task_a", "task_b", "jsd_bits"])
+
+
+def consecutive_same_expert(profile: Profile, task: str, layer: int) -> float:
+    """Rate at which consecutive tokens of an example share their first-choice expert (chance is 1/E)."""
+    table = profile.table(filters=[("task", "=", task), ("layer", "=", layer)],
+                          columns=["example", "step", "position", "experts"])
+    if table.num_rows < 2:
+        return float("nan")
+    df = table.to_pandas().sort_values(["example", "step", "position"], kind="stable")
+    first = df["experts"].map(lambda v: int(v[0])).to_numpy()
+    ex = df["example"].to_numpy()
+    same_example = ex[1:] == ex[:-1]
+    return float((first[1:] == first[:-1])[same_example].mean())

@@ -1,0 +1,119 @@
+"""``moescope``: a thin command line over the core engine. Errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .errors import MoEScopeError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="local model directory or hub id")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="'auto' spreads the model over the available devices (accelerate device_map)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped with the checkpoint (off by default)")
+
+
+def _load(args: argparse.Namespace):
+    from .model import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    info = _load(args).info()
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=2))
+        return
+    for key, value in info.to_dict().items():
+        print(f"{key:>15}: {value}")
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    from .plan import Plan
+    from .profiling import profile_texts, read_task_texts
+
+    tasks = dict(read_task_texts(t, args.text_field) for t in args.task)
+    if args.limit:
+        tasks = {k: v[:args.limit] for k, v in tasks.items()}
+    mm = _load(args)
+    plan = Plan.load(args.plan) if args.plan else None
+    out = profile_texts(mm, tasks, args.out, batch_size=args.batch_size, max_length=args.max_length,
+                        max_new_tokens=args.max_new_tokens, with_probs=args.probs, plan=plan)
+    print(f"wrote {out} and {out.with_suffix('.json').name}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import directory_bytes, export_pruned
+    from .plan import Plan
+
+    plan = Plan.load(args.plan)
+    mm = _load(args)
+    out = export_pruned(mm, plan, args.out, overwrite=args.overwrite, progress=lambda m: print(f"... {m}"))
+    print(f"exported to {out} ({directory_bytes(out) / 1e6:.1f} MB)")
+
+
+def cmd_merge_profiles(args: argparse.Namespace) -> None:
+    from .profile import merge_profiles
+
+    out = merge_profiles(args.profiles, args.out)
+    print(f"wrote {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moescope", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="summarise a MoE model: family, MoE layers, experts, parameters")
+    _model_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("profile", help="record every token's routing into a Parquet profile")
+    _model_args(p)
+    p.add_argument("--task", action="append", required=True, metavar="[NAME=]FILE",
+                   help=".txt (one text per line) or .jsonl with a text field; repeat for several tasks")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--out", required=True, help="profile path ending in .parquet (sidecar .json beside it)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=0, help="also generate and record decode steps")
+    p.add_argument("--limit", type=int, default=0, help="at most this many texts per task")
+    p.add_argument("--probs", action="store_true", help="also store full router probabilities")
+    p.add_argument("--plan", help="record under a pruning plan (masked experts)")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("export", help="write a physically pruned checkpoint from a plan")
+    _model_args(p)
+    p.add_argument("--plan", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("merge-profiles", help="combine profiles of disjoint shards into one")
+    p.add_argument("profiles", nargs="+")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge_profiles)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MoEScopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

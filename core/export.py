@@ -1,0 +1,92 @@
+"""Write a physically pruned checkpoint that plain ``transformers`` loads, without touching the source.
+
+The pruned router is sliced by the same function masking uses, so the exported model routes exactly as
+the masked one. The checkpoint is built in a temporary directory beside the target and renamed into
+place only when complete.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .adapters import set_field
+from .errors import MoEScopeError
+from .io import atomic_directory
+from .masking import slice_router_state
+from .model import MoEModel
+from .plan import Plan, validate_plan
+
+PLAN_FILENAME = "moescope-plan.json"
+
+
+def pruned_state_dict(mm: MoEModel, plan: Plan) -> dict[str, torch.Tensor]:
+    """The model's state dict with every MoE layer's router and experts restricted to the kept experts."""
+    state = mm.model.state_dict()
+    n = mm.n_experts
+    names = {module: name for name, module in mm.model.named_modules()}
+    for layer in mm.layers:
+        keep = plan.keep(layer.index, n)
+        router_prefix = names[layer.router]
+        for name, tensor in slice_router_state(mm.adapter, layer.router, keep).items():
+            state[f"{router_prefix}.{name}"] = tensor
+        experts_prefix = names[layer.experts]
+        for name, tensor in layer.experts.state_dict().items():
+            state[f"{experts_prefix}.{name}"] = _slice_experts(tensor, keep, n)
+    return state
+
+
+def _slice_experts(tensor: torch.Tensor, keep: list[int], n_experts: int) -> torch.Tensor:
+    index = torch.tensor(keep, dtype=torch.long, device=tensor.device)
+    if tensor.shape[0] == n_experts:
+        return tensor.index_select(0, index).clone()
+    if tensor.shape[0] % n_experts == 0:  # DBRX stores experts flat: [E * F, H]
+        per = tensor.view(n_experts, -1, *tensor.shape[1:]).index_select(0, index)
+        return per.reshape(-1, *tensor.shape[1:]).clone()
+    raise MoEScopeError(f"Cannot find the expert axis of a tensor of shape {tuple(tensor.shape)}.")
+
+
+def pruned_config(mm: MoEModel, plan: Plan):
+    config = copy.deepcopy(mm.config)
+    counts = {len(plan.keep(layer.index, mm.n_experts)) for layer in mm.layers}
+    set_field(config, mm.adapter.n_experts_field, counts.pop())
+    if plan.top_k is not None and mm.adapter.top_k_field is not None:
+        set_field(config, mm.adapter.top_k_field, plan.top_k)
+    return config
+
+
+def export_pruned(mm: MoEModel, plan: Plan, out_dir: str | Path, overwrite: bool = False,
+                  progress: Callable[[str], None] | None = None) -> Path:
+    """Write the pruned checkpoint (config, safetensors, tokenizer, plan) to ``out_dir`` atomically."""
+    from transformers import AutoModelForCausalLM
+
+    validate_plan(plan, mm.routing_spec(), for_export=True)
+    out_dir = Path(out_dir).expanduser().resolve()
+    source = Path(mm.source).expanduser()
+    if source.is_dir() and (out_dir == source.resolve() or source.resolve() in out_dir.parents):
+        raise MoEScopeError(f"{out_dir} is inside the source model {source}; export to a separate directory.")
+    say = progress or (lambda _msg: None)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        say("slicing experts")
+        state = pruned_state_dict(mm, plan)
+        config = pruned_config(mm, plan)
+        say("building the pruned model")
+        dtype = next(mm.model.parameters()).dtype
+        pruned = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        pruned.load_state_dict({k: v.to("cpu") for k, v in state.items()}, strict=True)
+        del state
+        say("writing safetensors")
+        pruned.save_pretrained(tmp)
+        if mm.tokenizer is not None:
+            mm.tokenizer.save_pretrained(tmp)
+        exported = Plan(layers=plan.layers, top_k=plan.top_k, model=plan.model or mm.source, extra=plan.extra)
+        exported.save(tmp / PLAN_FILENAME)
+    say(f"wrote {out_dir}")
+    return out_dir
+
+
+def directory_bytes(path: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

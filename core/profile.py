@@ -1,0 +1,273 @@
+"""The routing profile: one Parquet row per (token, MoE layer) plus a JSON sidecar describing the run.
+
+The format is versioned and documented in the README; users read it with pandas or DuckDB. Rows are
+streamed to disk in row groups while recording so memory stays bounded, and the file only appears
+under its final name once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import MoEScopeError
+from .io import atomic_write_text
+
+PROFILE_FORMAT = "moescope-profile"
+PROFILE_VERSION = 1
+REQUIRED_COLUMNS = ("task", "example", "position", "token_id", "layer", "step", "experts", "weights")
+
+
+def schema(with_probs: bool) -> pa.Schema:
+    fields = [
+        pa.field("task", pa.string()),
+        pa.field("example", pa.int64()),
+        pa.field("position", pa.int32()),
+        pa.field("token_id", pa.int32()),
+        pa.field("layer", pa.int16()),
+        pa.field("step", pa.int32()),
+        pa.field("experts", pa.list_(pa.int16())),
+        pa.field("weights", pa.list_(pa.float32())),
+    ]
+    if with_probs:
+        fields.append(pa.field("probs", pa.list_(pa.float32())))
+    return pa.schema(fields)
+
+
+@dataclass
+class ProfileMeta:
+    """The JSON sidecar: what model and data produced the rows."""
+
+    model: str
+    weights_digest: str
+    family: str
+    layers: list[int]
+    n_experts: int
+    top_k: int
+    tasks: list[str] = field(default_factory=list)
+    tokenizer: str | None = None
+    tool_version: str = ""
+    created: str = ""
+    rows: int = 0
+    tokens: int = 0
+    weights_semantics: str = ""
+    plan_digest: str | None = None
+    with_probs: bool = False
+    shards: list[str] = field(default_factory=list)
+    format: str = PROFILE_FORMAT
+    version: int = PROFILE_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ProfileMeta":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moescope")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _list_array(values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    rows, width = values.shape
+    offsets = pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=value_type))
+
+
+class ProfileWriter:
+    """Streams routing rows to ``path`` (Parquet) and writes the sidecar on close.
+
+    Rows arrive as numpy chunks (see :meth:`add`); they are flushed as a row group every ``flush_rows``
+    rows. The file is written under a temporary name and renamed on successful close; on error it is
+    removed, so a profile on disk is always complete.
+    """
+
+    def __init__(self, path: str | Path, meta: ProfileMeta, flush_rows: int = 262_144) -> None:
+        self.path = Path(path)
+        if self.path.suffix != ".parquet":
+            raise MoEScopeError(f"Profile path {self.path} must end in .parquet (the sidecar goes beside it as .json).")
+        self.meta = meta
+        self.flush_rows = flush_rows
+        self._schema = schema(meta.with_probs)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._writer = pq.ParquetWriter(self._tmp, self._schema, compression="zstd")
+        self._chunks: list[dict[str, np.ndarray]] = []
+        self._pending = 0
+        self._tasks: dict[str, None] = {t: None for t in meta.tasks}
+        self._token_count = 0
+
+    def add(self, task: str, example: np.ndarray, position: np.ndarray, token_id: np.ndarray, layer: int,
+            step: np.ndarray, experts: np.ndarray, weights: np.ndarray, probs: np.ndarray | None = None,
+            new_tokens: int = 0) -> None:
+        """Add the rows of one layer for one batch of tokens (arrays share their first dimension)."""
+        self._tasks.setdefault(task, None)
+        self._token_count += new_tokens
+        chunk = {"task": task, "example": example, "position": position, "token_id": token_id,
+                 "layer": np.full(len(example), layer, dtype=np.int16), "step": step,
+                 "experts": experts, "weights": weights}
+        if self.meta.with_probs:
+            chunk["probs"] = probs
+        self._chunks.append(chunk)
+        self._pending += len(example)
+        if self._pending >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._chunks:
+            return
+        columns: dict[str, pa.Array] = {}
+        n_rows = [len(c["example"]) for c in self._chunks]
+        columns["task"] = pa.array(np.repeat([c["task"] for c in self._chunks], n_rows), type=pa.string())
+        for name, dtype in (("example", np.int64), ("position", np.int32), ("token_id", np.int32),
+                            ("layer", np.int16), ("step", np.int32)):
+            columns[name] = pa.array(np.concatenate([c[name] for c in self._chunks]).astype(dtype, copy=False))
+        columns["experts"] = _list_array(np.concatenate([c["experts"] for c in self._chunks]).astype(np.int16),
+                                         pa.int16())
+        columns["weights"] = _list_array(np.concatenate([c["weights"] for c in self._chunks]).astype(np.float32),
+                                         pa.float32())
+        if self.meta.with_probs:
+            columns["probs"] = _list_array(np.concatenate([c["probs"] for c in self._chunks]).astype(np.float32),
+                                           pa.float32())
+        table = pa.Table.from_arrays([columns[f.name] for f in self._schema], schema=self._schema)
+        self._writer.write_table(table)
+        self.meta.rows += table.num_rows
+        self._chunks.clear()
+        self._pending = 0
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        """Append rows that are already in profile form (used when merging shards)."""
+        self.flush()
+        self._writer.write_batch(batch.cast(self._schema) if batch.schema != self._schema else batch)
+        self.meta.rows += batch.num_rows
+
+    def close(self) -> Path:
+        self.flush()
+        self._writer.close()
+        self.meta.tasks = list(self._tasks)
+        self.meta.tokens += self._token_count
+        self.meta.created = self.meta.created or now_iso()
+        self.meta.tool_version = self.meta.tool_version or tool_version()
+        os.replace(self._tmp, self.path)
+        atomic_write_text(sidecar_path(self.path), self.meta.to_json())
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            if self._tmp.exists():
+                self._tmp.unlink()
+
+    def __enter__(self) -> "ProfileWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class Profile:
+    """A profile on disk: its sidecar, and its rows read in batches (never all at once unless asked)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        side = sidecar_path(self.path)
+        if not self.path.exists():
+            raise MoEScopeError(f"No profile at {self.path}.")
+        try:
+            self.meta = ProfileMeta.from_dict(json.loads(side.read_text()))
+        except FileNotFoundError:
+            raise MoEScopeError(f"{self.path} has no sidecar {side.name}; a MoEScope profile is a .parquet file "
+                                f"with its .json beside it.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+            raise MoEScopeError(f"{side} is not a MoEScope profile sidecar ({exc}).") from None
+        if self.meta.format != PROFILE_FORMAT:
+            raise MoEScopeError(f"{side} is not a MoEScope profile sidecar (format {self.meta.format!r}).")
+        if self.meta.version != PROFILE_VERSION:
+            raise MoEScopeError(f"Profile version {self.meta.version} is not supported; this MoEScope reads "
+                                f"version {PROFILE_VERSION}.")
+        try:
+            self._file = pq.ParquetFile(self.path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise MoEScopeError(f"{self.path} is not a readable Parquet profile (corrupt or truncated: "
+                                f"{exc}).") from None
+        missing = [c for c in REQUIRED_COLUMNS if c not in self._file.schema_arrow.names]
+        if missing:
+            raise MoEScopeError(f"{self.path} lacks the profile column(s) {missing}; it was not written by MoEScope.")
+        if self._file.metadata.num_rows != self.meta.rows:
+            raise MoEScopeError(f"{self.path} holds {self._file.metadata.num_rows} rows but its sidecar says "
+                                f"{self.meta.rows}; the profile is incomplete, record it again.")
+
+    @property
+    def num_rows(self) -> int:
+        return self._file.metadata.num_rows
+
+    def batches(self, columns: list[str] | None = None, batch_size: int = 262_144) -> Iterator[pa.RecordBatch]:
+        try:
+            yield from self._file.iter_batches(batch_size=batch_size, columns=columns)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise MoEScopeError(f"{self.path} could not be read (corrupt: {exc}).") from None
+
+    def table(self, columns: list[str] | None = None, filters: Any = None) -> pa.Table:
+        try:
+            return pq.read_table(self.path, columns=columns, filters=filters)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise MoEScopeError(f"{self.path} could not be read (corrupt: {exc}).") from None
+
+    def to_pandas(self, **kwargs: Any):
+        return self.table(**kwargs).to_pandas()
+
+
+def list_matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
+    """A fixed-width list column as a [rows, width] numpy array (no per-row Python objects)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def merge_profiles(paths: list[str | Path], out: str | Path) -> Path:
+    """Concatenate profiles of disjoint shards of one run into one profile, row for row."""
+    if not paths:
+        raise MoEScopeError("Give at least one profile to merge.")
+    profiles = [Profile(p) for p in paths]
+    first = profiles[0].meta
+    for prof in profiles[1:]:
+        for key in ("weights_digest", "layers", "n_experts", "top_k", "with_probs", "plan_digest"):
+            if getattr(prof.meta, key) != getattr(first, key):
+                raise MoEScopeError(f"{prof.path} was recorded with a different {key} than {profiles[0].path}; "
+                                    f"only shards of one run can be merged.")
+    meta = ProfileMeta(**{**asdict(first), "rows": 0, "tokens": sum(p.meta.tokens for p in profiles),
+                          "tasks": [], "created": now_iso(), "shards": [str(p.path) for p in profiles]})
+    meta.tasks = list(dict.fromkeys(t for p in profiles for t in p.meta.tasks))
+    with ProfileWriter(out, meta) as writer:
+        for prof in profiles:
+            for batch in prof.batches():
+                writer.write_batch(batch)
+    return Path(out)
