@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import MoEScopeError
 
@@ -50,9 +51,11 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import directory_bytes, export_pruned
+    from .io import refuse_existing
     from .plan import Plan
 
     plan = Plan.load(args.plan)
+    refuse_existing(Path(args.out), args.overwrite)
     mm = _load(args)
     out = export_pruned(mm, plan, args.out, overwrite=args.overwrite, progress=lambda m: print(f"... {m}"))
     print(f"exported to {out} ({directory_bytes(out) / 1e6:.1f} MB)")

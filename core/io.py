@@ -41,6 +41,12 @@ def atomic_file(path: Path) -> Iterator[Path]:
         raise
 
 
+def refuse_existing(target: Path, overwrite: bool) -> None:
+    """Fail before any work is done when the output would replace something the user did not offer."""
+    if Path(target).exists() and not overwrite:
+        raise MoEScopeError(f"{target} already exists; choose another directory or pass --overwrite.")
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``target`` that becomes ``target`` only if the block finishes.
@@ -49,8 +55,7 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     directory is complete, so an interrupted write never costs the old one.
     """
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise MoEScopeError(f"{target} already exists; choose another directory or pass --overwrite.")
+    refuse_existing(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:

@@ -85,3 +85,23 @@ def _spread_router(model) -> None:
 def ids(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=gen)
+
+
+def char_tokenizer():
+    """A character-level tokenizer that fits the tiny models' vocabulary (ids < VOCAB)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
+                                   unk_token="<unk>")
+
+
+def save_tiny(path, model_type: str = "mixtral", **overrides):
+    """A tiny model with a tokenizer, saved like a real checkpoint directory."""
+    build(model_type, **overrides).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
