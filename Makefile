@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The main job. Until the dashboard lands this shows the command line's help.
+run: $(STAMP)
+	$(VENV)/bin/moescope --help
+
 bench: $(STAMP)
 	$(PY) benchmarks/profile_overhead.py
 

@@ -7,7 +7,7 @@ Facts per family were checked against the installed transformers' modeling files
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -56,8 +56,8 @@ class Adapter:
     # Block attribute the block itself reads top-k from at forward time (DBRX routes in the block).
     block_top_k_attr: str | None = None
     fixed_top_k: int | None = None
-    notes: str = ""
-    weights_semantics: str = field(default="as returned by the router and multiplied into the expert outputs")
+    # What the recorded gate weights are: the values the block multiplies into (or, Llama4, before) experts.
+    weights_semantics: str = ""
 
     # ----- structure -------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -147,13 +147,13 @@ def set_field(config: Any, dotted: str, value: Any) -> None:
 
 
 _ADAPTERS: list[Adapter] = [
-    Adapter("Mixtral", ("mixtral",), "num_local_experts", "num_experts_per_tok"),
+    Adapter("Mixtral", ("mixtral",), "num_local_experts", "num_experts_per_tok", weights_semantics="softmax probabilities of the chosen experts, renormalised to sum to 1"),
     Adapter("Qwen2-MoE", ("qwen2_moe",), "num_experts", "num_experts_per_tok",
-            shared_expert_attrs=("shared_expert",)),
-    Adapter("Qwen3-MoE", ("qwen3_moe",), "num_experts", "num_experts_per_tok"),
+            shared_expert_attrs=("shared_expert",), weights_semantics="softmax probabilities of the chosen experts, renormalised if norm_topk_prob"),
+    Adapter("Qwen3-MoE", ("qwen3_moe",), "num_experts", "num_experts_per_tok", weights_semantics="softmax probabilities of the chosen experts, renormalised if norm_topk_prob"),
     Adapter("Qwen3-Next", ("qwen3_next",), "num_experts", "num_experts_per_tok",
-            shared_expert_attrs=("shared_expert",)),
-    Adapter("OLMoE", ("olmoe",), "num_experts", "num_experts_per_tok"),
+            shared_expert_attrs=("shared_expert",), weights_semantics="softmax probabilities of the chosen experts, renormalised if norm_topk_prob"),
+    Adapter("OLMoE", ("olmoe",), "num_experts", "num_experts_per_tok", weights_semantics="softmax probabilities of the chosen experts, renormalised if norm_topk_prob"),
     Adapter("DeepSeek-V2", ("deepseek_v2",), "n_routed_experts", "num_experts_per_tok",
             shared_expert_attrs=("shared_experts",), group_fields=("n_group", "topk_group"),
             weights_semantics="softmax probabilities of the chosen experts times routed_scaling_factor"),
@@ -169,7 +169,8 @@ _ADAPTERS: list[Adapter] = [
     Adapter("ERNIE-4.5-MoE", ("ernie4_5_moe",), "moe_num_experts", "moe_k",
             shared_expert_attrs=("shared_experts",), bias_corrected=True,
             weights_semantics="softmax probabilities of the chosen experts renormalised (sum clamped at moe_norm_min)"),
-    Adapter("Hunyuan-MoE", ("hunyuan_v1_moe",), "num_experts", "moe_topk", shared_expert_attrs=("shared_mlp",)),
+    Adapter("Hunyuan-MoE", ("hunyuan_v1_moe",), "num_experts", "moe_topk", shared_expert_attrs=("shared_mlp",),
+            weights_semantics="softmax probabilities of the chosen experts, renormalised to sum to 1"),
     Adapter("PhiMoE", ("phimoe",), "num_local_experts", None, router_attr="router", fixed_top_k=2,
             weights_semantics="sparsemixer multipliers"),
     Adapter("GraniteMoe", ("granitemoe",), "num_local_experts", "num_experts_per_tok",

@@ -1,0 +1,113 @@
+"""How much does recording every router decision cost? Profiled vs plain forward time, in one run.
+
+CPU (default): a tiny Mixtral (4 layers, 8 experts, top-2, hidden 160), batch 4 x 256 tokens.
+``--gpu``: a Mixtral-shaped model (hidden 4096, FFN 14336, 8 experts, 4 layers, bf16, random weights).
+
+Plain and profiled passes are interleaved (ABAB...) so drift in machine speed hits both alike; the
+profiled time includes writing the Parquet profile (row-group flushes and the final close). Prints a
+JSON line with the ratio and the profile's bytes per (token, layer) row.
+
+    python benchmarks/profile_overhead.py [--gpu] [--reps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.model import MoEModel  # noqa: E402
+from core.profile import ProfileMeta, ProfileWriter  # noqa: E402
+from core.recorder import RouterRecorder  # noqa: E402
+
+
+def build(gpu: bool) -> MoEModel:
+    if gpu:
+        config = MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
+                               num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                               num_experts_per_tok=2, max_position_embeddings=4096)
+        with torch.device("cuda"):
+            model = MixtralForCausalLM._from_config(config, dtype=torch.bfloat16)
+    else:
+        config = MixtralConfig(vocab_size=2048, hidden_size=160, intermediate_size=320, num_hidden_layers=4,
+                               num_attention_heads=5, num_key_value_heads=5, num_local_experts=8,
+                               num_experts_per_tok=2, max_position_embeddings=512)
+        torch.manual_seed(0)
+        model = MixtralForCausalLM(config)
+    return MoEModel(model.eval(), source="benchmark-mixtral")
+
+
+def sync(gpu: bool) -> None:
+    if gpu:
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256)
+    args = parser.parse_args()
+    if args.gpu and not torch.cuda.is_available():
+        sys.exit("--gpu needs a CUDA device")
+    mm = build(args.gpu)
+    device = next(mm.model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    # distinct inputs per repetition, so the profile's compression is not flattered by repeated rows
+    inputs = [torch.randint(0, mm.config.vocab_size, (args.batch, args.length), generator=gen).to(device)
+              for _ in range(args.reps + 1)]
+    mask = torch.ones_like(inputs[0])
+    meta = ProfileMeta(model=mm.source, weights_digest="", family=mm.adapter.family, layers=mm.layer_indices,
+                       n_experts=mm.n_experts, top_k=mm.top_k)
+    plain, profiled = [], []
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        path = Path(tmp) / "bench.parquet"
+        writer = ProfileWriter(path, meta)
+        with RouterRecorder(mm, writer) as rec:
+            for _ in range(3):  # warm-up, both paths (not recorded: no batch context)
+                mm.model(input_ids=inputs[-1], attention_mask=mask)
+            for rep in range(args.reps):
+                input_ids = inputs[rep]
+                sync(args.gpu)
+                t0 = time.perf_counter()
+                mm.model(input_ids=input_ids, attention_mask=mask)
+                sync(args.gpu)
+                t1 = time.perf_counter()
+                with rec.batch("bench", range(rep * args.batch, (rep + 1) * args.batch)):
+                    mm.model(input_ids=input_ids, attention_mask=mask)
+                sync(args.gpu)
+                t2 = time.perf_counter()
+                plain.append(t1 - t0)
+                profiled.append(t2 - t1)
+        t3 = time.perf_counter()
+        writer.close()
+        close_s = time.perf_counter() - t3
+        rows = writer.meta.rows
+        size = path.stat().st_size
+    total_plain, total_profiled = sum(plain), sum(profiled) + close_s
+    result = {
+        "device": torch.cuda.get_device_name() if args.gpu else "cpu",
+        "threads": torch.get_num_threads(),
+        "batch": args.batch, "length": args.length, "reps": args.reps,
+        "plain_median_s": statistics.median(plain),
+        "profiled_median_s": statistics.median(profiled),
+        "ratio_median": statistics.median(profiled) / statistics.median(plain),
+        "ratio_total_incl_close": total_profiled / total_plain,
+        "rows": rows,
+        "profile_bytes_per_row": size / rows,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
