@@ -21,34 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core.model import MoEModel  # noqa: E402
-from core.profile import ProfileMeta, ProfileWriter  # noqa: E402
-from core.recorder import RouterRecorder  # noqa: E402
-
-
-def build(gpu: bool) -> MoEModel:
-    if gpu:
-        config = MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
-                               num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
-                               num_experts_per_tok=2, max_position_embeddings=4096)
-        with torch.device("cuda"):
-            model = MixtralForCausalLM._from_config(config, dtype=torch.bfloat16)
-    else:
-        config = MixtralConfig(vocab_size=2048, hidden_size=160, intermediate_size=320, num_hidden_layers=4,
-                               num_attention_heads=5, num_key_value_heads=5, num_local_experts=8,
-                               num_experts_per_tok=2, max_position_embeddings=512)
-        torch.manual_seed(0)
-        model = MixtralForCausalLM(config)
-    return MoEModel(model.eval(), source="benchmark-mixtral")
-
-
-def sync(gpu: bool) -> None:
-    if gpu:
-        torch.cuda.synchronize()
+from bench_models import build, sync
+from core.profile import ProfileMeta, ProfileWriter
+from core.recorder import RouterRecorder
 
 
 def main() -> None:

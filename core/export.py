@@ -58,11 +58,22 @@ def pruned_config(mm: MoEModel, plan: Plan):
     return config
 
 
+def build_pruned_model(mm: MoEModel, plan: Plan, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The physically pruned model in memory: a fresh model of the pruned config holding the kept experts."""
+    from transformers import AutoModelForCausalLM
+
+    validate_plan(plan, mm.routing_spec(), for_export=True)
+    state = pruned_state_dict(mm, plan)
+    dtype = next(mm.model.parameters()).dtype
+    with torch.device(device):
+        pruned = AutoModelForCausalLM.from_config(pruned_config(mm, plan), dtype=dtype)
+    pruned.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+    return pruned.eval()
+
+
 def export_pruned(mm: MoEModel, plan: Plan, out_dir: str | Path, overwrite: bool = False,
                   progress: Callable[[str], None] | None = None) -> Path:
     """Write the pruned checkpoint (config, safetensors, tokenizer, plan) to ``out_dir`` atomically."""
-    from transformers import AutoModelForCausalLM
-
     validate_plan(plan, mm.routing_spec(), for_export=True)
     out_dir = Path(out_dir).expanduser().resolve()
     source = Path(mm.source).expanduser()
@@ -70,14 +81,8 @@ def export_pruned(mm: MoEModel, plan: Plan, out_dir: str | Path, overwrite: bool
         raise MoEScopeError(f"{out_dir} is inside the source model {source}; export to a separate directory.")
     say = progress or (lambda _msg: None)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        say("slicing experts")
-        state = pruned_state_dict(mm, plan)
-        config = pruned_config(mm, plan)
-        say("building the pruned model")
-        dtype = next(mm.model.parameters()).dtype
-        pruned = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        pruned.load_state_dict({k: v.to("cpu") for k, v in state.items()}, strict=True)
-        del state
+        say("slicing experts and building the pruned model")
+        pruned = build_pruned_model(mm, plan)
         say("writing safetensors")
         pruned.save_pretrained(tmp)
         if mm.tokenizer is not None:

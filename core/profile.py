@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +22,9 @@ import pyarrow.parquet as pq
 
 from .errors import MoEScopeError
 from .io import atomic_write_text
+
+if TYPE_CHECKING:
+    import torch
 
 PROFILE_FORMAT = "moescope-profile"
 PROFILE_VERSION = 1
@@ -98,12 +102,48 @@ def _list_array(values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=value_type))
 
 
+Array = Union[np.ndarray, "torch.Tensor"]
+
+
+def _to_numpy(x: Array) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+@dataclass
+class TokenBatch:
+    """The tokens of one forward pass, flattened [N] (batch-major), padding included and marked invalid.
+
+    Arrays may be device tensors: they are only copied to the host when the writer flushes, so
+    recording never forces a device synchronisation inside the forward pass.
+    """
+
+    task: str
+    example: Array
+    position: Array
+    token_id: Array
+    step: int
+    valid: Array | None = None
+    _host: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    counted: bool = field(default=False, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.example)
+
+    def host(self) -> dict[str, np.ndarray]:
+        """Host copies of the real (non-padding) tokens' columns, computed once per forward."""
+        if self._host is None:
+            valid = np.ones(len(self), bool) if self.valid is None else _to_numpy(self.valid).astype(bool)
+            self._host = {"valid": valid, **{name: _to_numpy(getattr(self, name))[valid]
+                                             for name in ("example", "position", "token_id")}}
+        return self._host
+
+
 class ProfileWriter:
     """Streams routing rows to ``path`` (Parquet) and writes the sidecar on close.
 
-    Rows arrive as numpy chunks (see :meth:`add`); they are flushed as a row group every ``flush_rows``
-    rows. The file is written under a temporary name and renamed on successful close; on error it is
-    removed, so a profile on disk is always complete.
+    Rows arrive per (forward pass, layer) via :meth:`add` and are flushed as a row group every
+    ``flush_rows`` rows. The file is written under a temporary name and renamed on successful close; on
+    error it is removed, so a profile on disk is always complete.
     """
 
     def __init__(self, path: str | Path, meta: ProfileMeta, flush_rows: int = 262_144) -> None:
@@ -116,44 +156,49 @@ class ProfileWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self._writer = pq.ParquetWriter(self._tmp, self._schema, compression="zstd")
-        self._chunks: list[dict[str, np.ndarray]] = []
+        self._chunks: list[tuple[TokenBatch, int, Array, Array, Array | None]] = []
         self._pending = 0
         self._tasks: dict[str, None] = {t: None for t in meta.tasks}
-        self._token_count = 0
 
-    def add(self, task: str, example: np.ndarray, position: np.ndarray, token_id: np.ndarray, layer: int,
-            step: np.ndarray, experts: np.ndarray, weights: np.ndarray, probs: np.ndarray | None = None,
-            new_tokens: int = 0) -> None:
-        """Add the rows of one layer for one batch of tokens (arrays share their first dimension)."""
-        self._tasks.setdefault(task, None)
-        self._token_count += new_tokens
-        chunk = {"task": task, "example": example, "position": position, "token_id": token_id,
-                 "layer": np.full(len(example), layer, dtype=np.int16), "step": step,
-                 "experts": experts, "weights": weights}
-        if self.meta.with_probs:
-            chunk["probs"] = probs
-        self._chunks.append(chunk)
-        self._pending += len(example)
+    def add(self, tokens: TokenBatch, layer: int, experts: Array, weights: Array, probs: Array | None = None) -> None:
+        """Add one layer's decisions ([N, k] ids and weights, rank order) for the tokens of one forward."""
+        self._tasks.setdefault(tokens.task, None)
+        self._chunks.append((tokens, layer, experts, weights, probs if self.meta.with_probs else None))
+        self._pending += len(tokens)
         if self._pending >= self.flush_rows:
             self.flush()
 
     def flush(self) -> None:
         if not self._chunks:
             return
-        columns: dict[str, pa.Array] = {}
-        n_rows = [len(c["example"]) for c in self._chunks]
-        columns["task"] = pa.array(np.repeat([c["task"] for c in self._chunks], n_rows), type=pa.string())
+        cols: dict[str, list[np.ndarray]] = defaultdict(list)
+        tasks, counts = [], []
+        for tokens, layer, experts, weights, probs in self._chunks:
+            host = tokens.host()
+            valid = host["valid"]
+            n = len(host["example"])
+            if not tokens.counted:  # a forward's tokens count once, whichever layer flushes first
+                tokens.counted = True
+                self.meta.tokens += n
+            tasks.append(tokens.task)
+            counts.append(n)
+            for name in ("example", "position", "token_id"):
+                cols[name].append(host[name])
+            cols["layer"].append(np.full(n, layer, np.int16))
+            cols["step"].append(np.full(n, tokens.step, np.int32))
+            cols["experts"].append(_to_numpy(experts)[valid])
+            cols["weights"].append(_to_numpy(weights)[valid])
+            if self.meta.with_probs:
+                cols["probs"].append(_to_numpy(probs)[valid])
+        arrays = {"task": pa.array(np.repeat(tasks, counts), type=pa.string())}
         for name, dtype in (("example", np.int64), ("position", np.int32), ("token_id", np.int32),
                             ("layer", np.int16), ("step", np.int32)):
-            columns[name] = pa.array(np.concatenate([c[name] for c in self._chunks]).astype(dtype, copy=False))
-        columns["experts"] = _list_array(np.concatenate([c["experts"] for c in self._chunks]).astype(np.int16),
-                                         pa.int16())
-        columns["weights"] = _list_array(np.concatenate([c["weights"] for c in self._chunks]).astype(np.float32),
-                                         pa.float32())
-        if self.meta.with_probs:
-            columns["probs"] = _list_array(np.concatenate([c["probs"] for c in self._chunks]).astype(np.float32),
-                                           pa.float32())
-        table = pa.Table.from_arrays([columns[f.name] for f in self._schema], schema=self._schema)
+            arrays[name] = pa.array(np.concatenate(cols[name]).astype(dtype, copy=False))
+        for name, dtype, pa_type in (("experts", np.int16, pa.int16()), ("weights", np.float32, pa.float32()),
+                                     ("probs", np.float32, pa.float32())):
+            if cols[name]:
+                arrays[name] = _list_array(np.concatenate(cols[name]).astype(dtype, copy=False), pa_type)
+        table = pa.Table.from_arrays([arrays[f.name] for f in self._schema], schema=self._schema)
         self._writer.write_table(table)
         self.meta.rows += table.num_rows
         self._chunks.clear()
@@ -169,7 +214,6 @@ class ProfileWriter:
         self.flush()
         self._writer.close()
         self.meta.tasks = list(self._tasks)
-        self.meta.tokens += self._token_count
         self.meta.created = self.meta.created or now_iso()
         self.meta.tool_version = self.meta.tool_version or tool_version()
         os.replace(self._tmp, self.path)

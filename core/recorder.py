@@ -18,7 +18,7 @@ import torch
 
 from .adapters import MoELayer
 from .model import MoEModel
-from .profile import ProfileWriter
+from .profile import ProfileWriter, TokenBatch
 
 
 @dataclass
@@ -26,8 +26,8 @@ class _BatchContext:
     task: str
     example_ids: np.ndarray
     forwards: int = 0
-    rows: torch.Tensor | None = None  # flat indices of real tokens in the current forward
-    meta: dict[str, np.ndarray] | None = None
+    example_tensor: torch.Tensor | None = None
+    tokens: TokenBatch | None = None  # the current forward's tokens, shared by every layer's rows
 
 
 class RouterRecorder:
@@ -78,46 +78,33 @@ class RouterRecorder:
         if input_ids is None:
             raise ValueError("Recording needs input_ids (token ids), not inputs_embeds.")
         batch, length = input_ids.shape
+        device = input_ids.device
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2:
-            mask = mask.to(input_ids.device)
+            mask = mask.to(device)
             positions = (mask.long().cumsum(dim=1) - 1)[:, -length:]
-            valid = mask[:, -length:].bool()
+            valid = mask[:, -length:].bool().reshape(-1)
         else:
             past = _past_length(kwargs)
-            positions = torch.arange(past, past + length, device=input_ids.device).expand(batch, length)
-            valid = torch.ones(batch, length, dtype=torch.bool, device=input_ids.device)
-        flat_valid = valid.reshape(-1)
-        rows = flat_valid.nonzero().squeeze(1)
-        example_index = torch.arange(batch, device=input_ids.device).repeat_interleave(length)[rows]
-        ctx.rows = rows
-        ctx.meta = {
-            "example": ctx.example_ids[example_index.cpu().numpy()],
-            "position": positions.reshape(-1)[rows].cpu().numpy(),
-            "token_id": input_ids.reshape(-1)[rows].cpu().numpy(),
-            "step": np.full(len(rows), ctx.forwards, dtype=np.int32),
-        }
+            positions = torch.arange(past, past + length, device=device).expand(batch, length)
+            valid = None
+        if ctx.example_tensor is None or ctx.example_tensor.device != device:
+            ctx.example_tensor = torch.as_tensor(ctx.example_ids, device=device)
+        ctx.tokens = TokenBatch(task=ctx.task, example=ctx.example_tensor.repeat_interleave(length),
+                                position=positions.reshape(-1), token_id=input_ids.reshape(-1), step=ctx.forwards,
+                                valid=valid)
         ctx.forwards += 1
-        self._new_tokens = len(rows)
 
     def _router_hook(self, layer: MoELayer):
         adapter = self.mm.adapter
 
         def hook(module: Any, args: tuple, output: Any) -> None:
             ctx = self._ctx
-            if ctx is None or ctx.meta is None:
+            if ctx is None or ctx.tokens is None:
                 return
             ids, weights = adapter.decisions(output, layer, self.mm.effective_top_k)
-            rows = ctx.rows
-            probs = None
-            if self.with_probs:
-                probs = adapter.probabilities(output)[rows].cpu().numpy()
-            new_tokens, self._new_tokens = self._new_tokens, 0
-            self.writer.add(
-                ctx.task, ctx.meta["example"], ctx.meta["position"], ctx.meta["token_id"], layer.index,
-                ctx.meta["step"], ids[rows].to(torch.int16).cpu().numpy(),
-                weights[rows].float().cpu().numpy(), probs, new_tokens=new_tokens,
-            )
+            probs = adapter.probabilities(output) if self.with_probs else None
+            self.writer.add(ctx.tokens, layer.index, ids.to(torch.int16), weights.float(), probs)
 
         return hook
 

@@ -10,7 +10,7 @@ import pytest
 
 from core import aggregate
 from core.errors import MoEScopeError
-from core.profile import Profile, ProfileMeta, ProfileWriter, merge_profiles
+from core.profile import Profile, ProfileMeta, ProfileWriter, TokenBatch, merge_profiles
 
 
 def meta(**kw) -> ProfileMeta:
@@ -23,8 +23,9 @@ def write(path, rows, flush_rows=1000, **kw) -> Profile:
     """rows: (task, example, position, layer, experts, weights)."""
     with ProfileWriter(path, meta(**kw), flush_rows=flush_rows) as w:
         for task, example, position, layer, experts, weights in rows:
-            w.add(task, np.array([example]), np.array([position]), np.array([position + 10]), layer,
-                  np.array([0]), np.array([experts]), np.array([weights]), new_tokens=1 if layer == 0 else 0)
+            tokens = TokenBatch(task, np.array([example, -1]), np.array([position, -1]), np.array([position + 10, -1]),
+                                step=0, valid=np.array([True, False]))  # the second token is padding
+            w.add(tokens, layer, np.array([experts, [9, 9]]), np.array([weights, [0.0, 0.0]]))
     return Profile(path)
 
 
@@ -47,7 +48,7 @@ def test_format_is_documented_columns_and_sidecar(tmp_path):
     for key in ("model", "weights_digest", "family", "layers", "n_experts", "top_k", "tasks", "tokenizer",
                 "tool_version", "created", "format", "version"):
         assert key in side
-    assert side["tasks"] == ["a", "b"] and side["rows"] == 6 and side["tokens"] == 5
+    assert side["tasks"] == ["a", "b"] and side["rows"] == 6 and side["tokens"] == 6  # one forward per row here
     assert prof.num_rows == 6
 
 
@@ -117,7 +118,7 @@ def test_writer_streams_row_groups_and_leaves_nothing_on_failure(tmp_path):
     assert prof._file.metadata.num_row_groups >= 7
     with pytest.raises(RuntimeError):
         with ProfileWriter(tmp_path / "q.parquet", meta()) as w:
-            w.add("a", np.array([0]), np.array([0]), np.array([0]), 0, np.array([0]), np.array([[0, 1]]),
+            w.add(TokenBatch("a", np.array([0]), np.array([0]), np.array([0]), step=0), 0, np.array([[0, 1]]),
                   np.array([[0.5, 0.5]]))
             raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "p.parquet"]
