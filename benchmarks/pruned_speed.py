@@ -75,10 +75,12 @@ def main() -> None:
                 model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
 
-            if args.gpu:
+            if args.gpu:  # peak as if this model were alone on the device (the full one stays resident)
+                torch.cuda.synchronize()
+                resident = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
             t_prefill = timed(prefill, args.reps, args.gpu)
-            peak = torch.cuda.max_memory_allocated() if args.gpu else None
+            peak = torch.cuda.max_memory_allocated() - resident + weight_bytes(model) if args.gpu else None
             # decode time = generating N tokens minus generating 1 (both include the same prefill)
             t_one = timed(lambda: generate(1), args.reps, args.gpu)
             t_many = timed(lambda: generate(args.new_tokens), args.reps, args.gpu)

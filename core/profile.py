@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -158,6 +159,8 @@ class ProfileWriter:
         self._writer = pq.ParquetWriter(self._tmp, self._schema, compression="zstd")
         self._chunks: list[tuple[TokenBatch, int, Array, Array, Array | None]] = []
         self._pending = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moescope-profile-writer")
+        self._inflight: list[Future] = []
         self._tasks: dict[str, None] = {t: None for t in meta.tasks}
 
     def add(self, tokens: TokenBatch, layer: int, experts: Array, weights: Array, probs: Array | None = None) -> None:
@@ -169,18 +172,32 @@ class ProfileWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Hand the pending rows to the writer thread; at most two row groups are in flight, so memory
+        stays bounded while host copies and Parquet encoding overlap the next forward passes."""
         if not self._chunks:
             return
+        chunks, self._chunks, self._pending = self._chunks, [], 0
+        while len(self._inflight) >= 2:
+            self._inflight.pop(0).result()
+        self._inflight.append(self._pool.submit(self._write_chunks, chunks, list(self._tasks)))
+
+    def _drain(self) -> None:
+        while self._inflight:
+            self._inflight.pop(0).result()
+
+    def _write_chunks(self, chunks: list, tasks: list[str]) -> None:
+        task_index = {task: i for i, task in enumerate(tasks)}
         cols: dict[str, list[np.ndarray]] = defaultdict(list)
-        tasks, counts = [], []
-        for tokens, layer, experts, weights, probs in self._chunks:
+        task_ids: list[int] = []
+        counts: list[int] = []
+        for tokens, layer, experts, weights, probs in chunks:
             host = tokens.host()
             valid = host["valid"]
             n = len(host["example"])
-            if not tokens.counted:  # a forward's tokens count once, whichever layer flushes first
+            if not tokens.counted:  # a forward's tokens count once, whichever layer is written first
                 tokens.counted = True
                 self.meta.tokens += n
-            tasks.append(tokens.task)
+            task_ids.append(task_index[tokens.task])
             counts.append(n)
             for name in ("example", "position", "token_id"):
                 cols[name].append(host[name])
@@ -190,7 +207,8 @@ class ProfileWriter:
             cols["weights"].append(_to_numpy(weights)[valid])
             if self.meta.with_probs:
                 cols["probs"].append(_to_numpy(probs)[valid])
-        arrays = {"task": pa.array(np.repeat(tasks, counts), type=pa.string())}
+        indices = pa.array(np.repeat(np.asarray(task_ids, np.int32), counts))
+        arrays = {"task": pa.DictionaryArray.from_arrays(indices, pa.array(tasks)).cast(pa.string())}
         for name, dtype in (("example", np.int64), ("position", np.int32), ("token_id", np.int32),
                             ("layer", np.int16), ("step", np.int32)):
             arrays[name] = pa.array(np.concatenate(cols[name]).astype(dtype, copy=False))
@@ -201,17 +219,18 @@ class ProfileWriter:
         table = pa.Table.from_arrays([arrays[f.name] for f in self._schema], schema=self._schema)
         self._writer.write_table(table)
         self.meta.rows += table.num_rows
-        self._chunks.clear()
-        self._pending = 0
 
     def write_batch(self, batch: pa.RecordBatch) -> None:
         """Append rows that are already in profile form (used when merging shards)."""
         self.flush()
+        self._drain()
         self._writer.write_batch(batch.cast(self._schema) if batch.schema != self._schema else batch)
         self.meta.rows += batch.num_rows
 
     def close(self) -> Path:
         self.flush()
+        self._drain()
+        self._pool.shutdown()
         self._writer.close()
         self.meta.tasks = list(self._tasks)
         self.meta.created = self.meta.created or now_iso()
@@ -222,6 +241,9 @@ class ProfileWriter:
 
     def abort(self) -> None:
         try:
+            for future in self._inflight:
+                future.cancel()
+            self._pool.shutdown(wait=True)
             self._writer.close()
         finally:
             if self._tmp.exists():
