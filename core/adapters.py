@@ -56,6 +56,8 @@ class Adapter:
     # Block attribute the block itself reads top-k from at forward time (DBRX routes in the block).
     block_top_k_attr: str | None = None
     fixed_top_k: int | None = None
+    # Whether the router already returns its top-k largest weight first (then recording skips a sort).
+    weights_sorted: bool = True
     # What the recorded gate weights are: the values the block multiplies into (or, Llama4, before) experts.
     weights_semantics: str = ""
 
@@ -107,7 +109,10 @@ class Adapter:
             weights = scores.gather(1, ids)
         else:
             weights, ids = layer.block.route_tokens_to_experts(output)
-        # Some routers return unsorted top-k (sorted=False); rank order means largest weight first.
+        if self.weights_sorted:
+            return ids, weights
+        # Rank order means largest applied weight first; these routers choose in another order
+        # (unsorted top-k, or a biased choice score).
         order = torch.argsort(weights.float(), dim=-1, descending=True, stable=True)
         return ids.gather(1, order), weights.gather(1, order)
 
@@ -156,23 +161,27 @@ _ADAPTERS: list[Adapter] = [
     Adapter("OLMoE", ("olmoe",), "num_experts", "num_experts_per_tok", weights_semantics="softmax probabilities of the chosen experts, renormalised if norm_topk_prob"),
     Adapter("DeepSeek-V2", ("deepseek_v2",), "n_routed_experts", "num_experts_per_tok",
             shared_expert_attrs=("shared_experts",), group_fields=("n_group", "topk_group"),
-            weights_semantics="softmax probabilities of the chosen experts times routed_scaling_factor"),
+            weights_semantics="softmax probabilities of the chosen experts times routed_scaling_factor",
+            weights_sorted=False),
     Adapter("DeepSeek-V3", ("deepseek_v3",), "n_routed_experts", "num_experts_per_tok",
             scoring="sigmoid", shared_expert_attrs=("shared_experts",), bias_corrected=True,
             group_fields=("n_group", "topk_group"),
             weights_semantics="sigmoid scores of the chosen experts, renormalised if norm_topk_prob, "
-                              "times routed_scaling_factor"),
+                              "times routed_scaling_factor",
+            weights_sorted=False),
     Adapter("GLM4-MoE", ("glm4_moe",), "n_routed_experts", "num_experts_per_tok", scoring="sigmoid",
             shared_expert_attrs=("shared_experts",), bias_corrected=True, group_fields=("n_group", "topk_group"),
             weights_semantics="sigmoid scores of the chosen experts, renormalised if norm_topk_prob, "
-                              "times routed_scaling_factor"),
+                              "times routed_scaling_factor",
+            weights_sorted=False),
     Adapter("ERNIE-4.5-MoE", ("ernie4_5_moe",), "moe_num_experts", "moe_k",
             shared_expert_attrs=("shared_experts",), bias_corrected=True,
-            weights_semantics="softmax probabilities of the chosen experts renormalised (sum clamped at moe_norm_min)"),
+            weights_semantics="softmax probabilities of the chosen experts renormalised (sum clamped at moe_norm_min)",
+            weights_sorted=False),
     Adapter("Hunyuan-MoE", ("hunyuan_v1_moe",), "num_experts", "moe_topk", shared_expert_attrs=("shared_mlp",),
             weights_semantics="softmax probabilities of the chosen experts, renormalised to sum to 1"),
     Adapter("PhiMoE", ("phimoe",), "num_local_experts", None, router_attr="router", fixed_top_k=2,
-            weights_semantics="sparsemixer multipliers"),
+            weights_semantics="sparsemixer multipliers", weights_sorted=False),
     Adapter("GraniteMoe", ("granitemoe",), "num_local_experts", "num_experts_per_tok",
             block_attr="block_sparse_moe", router_attr="router",
             weights_semantics="softmax over the top-k logits"),
