@@ -3,7 +3,7 @@
 CPU (default): a tiny Mixtral (4 layers, 8 experts, top-2, hidden 160), batch 4 x 256 tokens.
 ``--gpu``: a Mixtral-shaped model (hidden 4096, FFN 14336, 8 experts, 4 layers, bf16, random weights).
 
-Plain and profiled passes are interleaved (ABAB...) so drift in machine speed hits both alike; the
+Plain and profiled passes alternate in a seeded random order so drift and order effects hit both alike; the
 profiled time includes writing the Parquet profile (row-group flushes and the final close). Prints a
 JSON line with the ratio and the profile's bytes per (token, layer) row.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -56,19 +57,20 @@ def main() -> None:
                     mm.model(input_ids=inputs[-1], attention_mask=mask)
             writer.flush()
             writer._drain()
+            order = random.Random(0)
             for rep in range(args.reps):
                 input_ids = inputs[rep]
-                sync(args.gpu)
-                t0 = time.perf_counter()
-                mm.model(input_ids=input_ids, attention_mask=mask)
-                sync(args.gpu)
-                t1 = time.perf_counter()
-                with rec.batch("bench", range(rep * args.batch, (rep + 1) * args.batch)):
-                    mm.model(input_ids=input_ids, attention_mask=mask)
-                sync(args.gpu)
-                t2 = time.perf_counter()
-                plain.append(t1 - t0)
-                profiled.append(t2 - t1)
+                # random order per repetition: whichever pass runs second is systematically slower here
+                for mode in order.sample(["plain", "profiled"], 2):
+                    sync(args.gpu)
+                    t0 = time.perf_counter()
+                    if mode == "plain":
+                        mm.model(input_ids=input_ids, attention_mask=mask)
+                    else:
+                        with rec.batch("bench", range(rep * args.batch, (rep + 1) * args.batch)):
+                            mm.model(input_ids=input_ids, attention_mask=mask)
+                    sync(args.gpu)
+                    (plain if mode == "plain" else profiled).append(time.perf_counter() - t0)
         t3 = time.perf_counter()
         writer.close()
         close_s = time.perf_counter() - t3
