@@ -169,3 +169,20 @@ def test_two_threads_with_different_plans_each_get_their_own_logits(mixtral):
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_load_model_options(tmp_path):
+    from .tiny_models import save_tiny
+
+    path = save_tiny(tmp_path / "m")
+    mm = load_model(path, dtype="bf16")
+    assert mm.info().dtype == "bfloat16" and mm.tokenizer is not None and mm.source == str(path)
+    assert load_model(path, dtype="fp32", device="auto").info().device == "cpu"  # accelerate device_map
+    with pytest.raises(MoEScopeError, match="Unknown dtype 'int3'"):
+        load_model(path, dtype="int3")
+    if not torch.cuda.is_available():
+        with pytest.raises(MoEScopeError, match="no CUDA GPU is available"):
+            load_model(path, device="cuda")
+    # the digest identifies the routing weights as loaded: same checkpoint and dtype, same digest
+    assert load_model(path).weights_digest() == load_model(path).weights_digest() != mm.weights_digest()
+    assert load_model(save_tiny(tmp_path / "other", seed=1)).weights_digest() != load_model(path).weights_digest()

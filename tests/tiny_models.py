@@ -61,7 +61,7 @@ def build(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    _spread_router(model)
+    _spread_router(model, seed)
     return model.to(dtype).eval()
 
 
@@ -70,10 +70,10 @@ def build_layout(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     return build(model_type, seed=seed, dtype=dtype, **overrides)
 
 
-def _spread_router(model) -> None:
+def _spread_router(model, seed: int) -> None:
     """Random init leaves some routers near-uniform (zeros, tiny std); give every router clearly distinct
     logits so routing decisions are not decided by float ties."""
-    gen = torch.Generator().manual_seed(1234)
+    gen = torch.Generator().manual_seed(1234 + seed)
     for name, param in model.named_parameters():
         low = name.lower()
         if ("gate" in low or "router" in low) and "proj" not in low and param.dim() == 2 and param.shape[0] == 8:
