@@ -61,6 +61,37 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported to {out} ({directory_bytes(out) / 1e6:.1f} MB)")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from .evaluation import Evaluator
+    from .plan import Plan
+    from .tasks import get_task_spec
+
+    specs = [get_task_spec(t) for t in args.task]  # fail on a bad task before loading the model
+    plan = Plan.load(args.plan) if args.plan else None
+    evaluator = Evaluator(_load(args), batch_size=args.batch_size)
+    results = []
+    for spec in specs:
+        bar = tqdm(desc=spec.name, unit="batch", disable=args.json)
+
+        def progress(stage: str, done: int, total: int, bar=bar) -> None:
+            bar.total = total
+            bar.set_postfix_str(stage)
+            bar.n = done
+            bar.refresh()
+
+        result = evaluator.evaluate(spec, plan=plan, split=args.split, limit=args.limit or None, progress=progress)
+        bar.close()
+        results.append(result)
+        if not args.json:
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in {**result.metrics, **result.agreement}.items())
+            print(f"{spec.name} [{args.split}, {result.n_examples} examples]: {shown} "
+                  f"({result.cost['tokens_per_s']:.0f} tokens/s)")
+    if args.json:
+        print(json.dumps([{k: v for k, v in r.to_dict().items() if k != "predictions"} for r in results], indent=2))
+
+
 def cmd_merge_profiles(args: argparse.Namespace) -> None:
     from .profile import merge_profiles
 
@@ -97,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="score tasks, optionally under a pruning plan, against the full model")
+    _model_args(p)
+    p.add_argument("--task", action="append", required=True,
+                   help="a sample task name (qa, arithmetic, code, prose, qa_choice) or a task.json; repeatable")
+    p.add_argument("--plan", help="evaluate with this plan's experts masked")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=0, help="at most this many examples")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("merge-profiles", help="combine profiles of disjoint shards into one")
     p.add_argument("profiles", nargs="+")

@@ -82,3 +82,19 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     (tmp_path / "t.jsonl").write_text('{"body": "x"}\n')
     assert main(["profile", str(tmp_path), "--task", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "p.parquet")]) == 2
     assert "no string field 'text' (fields: ['body'])" in capsys.readouterr().err
+
+
+def test_evaluate_command(model_dir, tmp_path, capsys):
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    (folder / "test.jsonl").write_text('{"text": "hello world"}\n{"text": "abc"}\n')
+    (folder / "task.json").write_text(json.dumps({"name": "lm", "metric": "lm_loss", "text_field": "text",
+                                                  "data_files": {"test": "test.jsonl"}}))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "moescope-plan", "version": 1, "top_k": 1, "layers": {}}))
+    assert main(["evaluate", str(model_dir), "--task", str(folder), "--plan", str(plan), "--json"]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    assert result["task"] == "lm" and result["n_examples"] == 2 and result["metrics"]["nll"] > 0
+    assert 0 <= result["agreement"]["top1_agreement"] <= 1 and result["plan_digest"]
+    assert main(["evaluate", str(model_dir), "--task", "no-such-task"]) == 2
+    assert "unknown task 'no-such-task'" in capsys.readouterr().err

@@ -1,0 +1,294 @@
+"""One evaluation harness: a task's metrics for the model, optionally under a pruning plan, with the
+pruned model's agreement with the unpruned one and what it costs.
+
+Generative tasks (SQuAD-style, exact match) use batched greedy generation with the KV cache and stop at
+the task's stop string; LM tasks score the text's token log-likelihood; multiple-choice tasks pick the
+option with the highest log-likelihood. Agreement (top-1 next-token agreement and mean KL(full || pruned))
+is measured teacher-forced on each example's reference text: the prompt followed by its reference answer,
+the correct option, or the text itself. Everything is deterministic; results are cached by
+(model weights, task, split, limit, plan digest).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import metrics
+from .masking import masked
+from .model import MoEModel
+from .plan import Plan
+from .tasks import TaskSpec, get_task_spec, load_task, render_example
+
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+_FULL_CACHE_BYTES = 512 * 2**20  # unpruned log-probs kept for agreement, at most this much per task
+
+
+@dataclass
+class EvalResult:
+    """A task's scores for one model (and plan) on one split."""
+
+    task: str
+    split: str
+    metric_kind: str
+    n_examples: int
+    metrics: dict[str, float]
+    agreement: dict[str, float] = field(default_factory=dict)
+    cost: dict[str, float] = field(default_factory=dict)
+    plan_digest: str | None = None
+    seconds: float = 0.0
+    predictions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Example:
+    prompt_ids: list[int]
+    references: list[str]
+    scored: list[list[int]]       # continuations scored by log-likelihood (options, or the text)
+    agreement_ids: list[int]      # the sequence agreement is measured on
+    label: int = -1
+
+
+def plan_cost(mm: MoEModel, plan: Plan | None) -> dict[str, float]:
+    """Total and active parameters and weight bytes of the model a plan would leave."""
+    info = mm.info()
+    n, top_k = mm.n_experts, mm.top_k if plan is None or plan.top_k is None else plan.top_k
+    per_expert = {layer.index: sum(p.numel() for p in layer.experts.parameters()) / n for layer in mm.layers}
+    bytes_per_param = info.weight_bytes / info.total_params
+    kept = {i: len(plan.keep(i, n)) if plan else n for i in per_expert}
+    removed = sum((n - kept[i]) * per_expert[i] for i in per_expert)
+    total = info.total_params - removed
+    active = info.total_params - info.expert_params + sum(min(top_k, kept[i]) * per_expert[i] for i in per_expert)
+    return {"total_params": total, "active_params": active, "weight_bytes": total * bytes_per_param,
+            "total_params_full": info.total_params, "active_params_full": info.active_params}
+
+
+class Evaluator:
+    """Evaluates tasks on one model, caching results and the unpruned model's reference log-probs."""
+
+    def __init__(self, mm: MoEModel, batch_size: int = 32, cache_size: int = 256) -> None:
+        self.mm = mm
+        self.batch_size = batch_size
+        self._results: OrderedDict[tuple, EvalResult] = OrderedDict()
+        self._cache_size = cache_size
+        self._full_logprobs: dict[tuple, list[torch.Tensor]] = {}
+        self._stop_ids: dict[str, torch.Tensor] = {}
+        self._digest = mm.weights_digest()
+
+    # ----- public -----------------------------------------------------------------------------
+    def evaluate(self, task: TaskSpec | str, plan: Plan | None = None, split: str = "test", limit: int | None = None,
+                 progress: ProgressFn | None = None, agreement: bool = True) -> EvalResult:
+        spec = get_task_spec(task)
+        key = (self._digest, spec.name, split, limit, plan.digest() if plan else None, agreement)
+        if key in self._results:
+            self._results.move_to_end(key)
+            return self._results[key]
+        examples = self._prepare(spec, split, limit)
+        say = progress or (lambda *_: None)
+        start = time.perf_counter()
+        with self.mm.lock, torch.inference_mode():  # one evaluation at a time per model
+            with masked(self.mm, plan):
+                if spec.metric in ("squad", "exact_match"):
+                    predictions, tokens = self._generate(spec, examples, say)
+                    scores = self._score_generation(spec, predictions, examples)
+                else:
+                    predictions = []
+                    scores, tokens = self._score_likelihood(spec, examples, say)
+            seconds = time.perf_counter() - start
+            agree = self._agreement((spec.name, split, limit), examples, plan, say) if agreement and plan else {}
+        cost = plan_cost(self.mm, plan)
+        cost["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+        result = EvalResult(task=spec.name, split=split, metric_kind=spec.metric, n_examples=len(examples),
+                            metrics=scores, agreement=agree, cost=cost, plan_digest=plan.digest() if plan else None,
+                            seconds=seconds, predictions=predictions)
+        self._results[key] = result
+        while len(self._results) > self._cache_size:
+            self._results.popitem(last=False)
+        return result
+
+    # ----- data -------------------------------------------------------------------------------
+    def _encode(self, text: str, bos: bool) -> list[int]:
+        tok = self.mm.tokenizer
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if bos and tok.bos_token_id is not None:
+            ids = [tok.bos_token_id] + ids
+        return ids
+
+    def _prepare(self, spec: TaskSpec, split: str, limit: int | None) -> list[_Example]:
+        data = load_task(spec, split)
+        if limit:
+            data = data.select(range(min(limit, len(data))))
+        out = []
+        for row in data:
+            r = render_example(spec, row)
+            if spec.metric == "lm_loss":
+                prompt = self._encode("", bos=True)
+                text = self._encode(r.text, bos=False)
+                out.append(_Example(prompt, [], [text], prompt + text))
+            elif spec.metric == "multiple_choice":
+                prompt = self._encode(r.prompt, bos=True)
+                options = [self._encode(o, bos=False) for o in r.options]
+                out.append(_Example(prompt, [], options, prompt + options[r.label], r.label))
+            else:
+                prompt = self._encode(r.prompt, bos=True)
+                target = self._encode(spec.target_prefix + r.references[0] + spec.stop, bos=False)
+                out.append(_Example(prompt, r.references, [], prompt + target))
+        return out
+
+    # ----- generation -------------------------------------------------------------------------
+    def _stop_lookup(self, stop: str) -> torch.Tensor:
+        """Boolean [vocab] table: tokens whose text contains the stop string (or are end-of-sequence)."""
+        if stop not in self._stop_ids:
+            tok = self.mm.tokenizer
+            # the model's vocabulary can be larger than the tokenizer's (padded embeddings)
+            table = torch.zeros(max(len(tok), self.mm.config.get_text_config().vocab_size), dtype=torch.bool)
+            if stop:
+                for i in range(len(tok)):
+                    if stop in tok.decode([i]):
+                        table[i] = True
+            if tok.eos_token_id is not None:
+                table[tok.eos_token_id] = True
+            self._stop_ids[stop] = table
+        return self._stop_ids[stop]
+
+    def _generate(self, spec: TaskSpec, examples: list[_Example], say: ProgressFn) -> tuple[list[str], int]:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        tok, model = self.mm.tokenizer, self.mm.model
+        device = next(model.parameters()).device
+        stop_table = self._stop_lookup(spec.stop).to(device)
+
+        class StopAtStopToken(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+                return stop_table[input_ids[:, -1]]
+
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
+        predictions: list[str] = [""] * len(examples)
+        tokens = 0
+        for lo in range(0, len(order), self.batch_size):
+            idx = order[lo:lo + self.batch_size]
+            seqs = [examples[i].prompt_ids for i in idx]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, s in enumerate(seqs):  # left padding so every prompt ends where generation starts
+                ids[row, width - len(s):] = torch.tensor(s)
+                mask[row, width - len(s):] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=spec.max_new_tokens, pad_token_id=pad,
+                                 stopping_criteria=StoppingCriteriaList([StopAtStopToken()]))
+            new = out[:, width:]
+            tokens += int(mask.sum()) + new.numel()
+            for row, i in enumerate(idx):
+                text = tok.decode(new[row], skip_special_tokens=True)
+                predictions[i] = (text.split(spec.stop)[0] if spec.stop else text).strip()
+            say("generating", min(lo + self.batch_size, len(order)), len(order))
+        return predictions, tokens
+
+    @staticmethod
+    def _score_generation(spec: TaskSpec, predictions: Sequence[str], examples: list[_Example]) -> dict[str, float]:
+        refs = [e.references for e in examples]
+        if spec.metric == "squad":
+            return {"exact_match": 100 * metrics.mean(metrics.squad_exact_match(p, r) for p, r in zip(predictions, refs)),
+                    "f1": 100 * metrics.mean(metrics.squad_f1(p, r) for p, r in zip(predictions, refs))}
+        return {"exact_match": 100 * metrics.mean(metrics.exact_match(p, r) for p, r in zip(predictions, refs))}
+
+    # ----- likelihood -------------------------------------------------------------------------
+    def _batches(self, seqs: list[list[int]]) -> list[list[int]]:
+        """Indices of the sequences in batches, sorted by length so batches carry little padding."""
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        return [order[lo:lo + self.batch_size] for lo in range(0, len(order), self.batch_size)]
+
+    def _logprobs(self, seqs: list[list[int]], idx: list[int]) -> torch.Tensor:
+        """Next-token log-probs [B, T, V] of the sequences ``idx``, right-padded (positions start at 0)."""
+        tok, model = self.mm.tokenizer, self.mm.model
+        device = next(model.parameters()).device
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        width = max(len(seqs[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
+            mask[row, :len(seqs[i])] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        return F.log_softmax(logits.float(), dim=-1).cpu()
+
+    def _score_likelihood(self, spec: TaskSpec, examples: list[_Example], say: ProgressFn) -> tuple[dict[str, float], int]:
+        pairs = [(e, k) for e in range(len(examples)) for k in range(len(examples[e].scored))]
+        seqs = [examples[e].prompt_ids + examples[e].scored[k] for e, k in pairs]
+        logp_sum = [0.0] * len(seqs)
+        batches = self._batches(seqs)
+        for done, idx in enumerate(batches, 1):
+            logp = self._logprobs(seqs, idx)
+            say("scoring", done, len(batches))
+            for row, i in enumerate(idx):
+                e, k = pairs[i]
+                start = len(examples[e].prompt_ids)
+                target = torch.tensor(examples[e].scored[k])
+                positions = torch.arange(start - 1, start - 1 + len(target))
+                logp_sum[i] = float(logp[row, positions, target].sum())
+        tokens = sum(len(s) for s in seqs)
+        if spec.metric == "lm_loss":
+            n = sum(len(e.scored[0]) for e in examples)
+            nll = -sum(logp_sum) / n
+            return {"nll": nll, "perplexity": metrics.perplexity(nll)}, tokens
+        by_example: dict[int, list[tuple[float, int]]] = {}
+        for (e, k), lp in zip(pairs, logp_sum):
+            by_example.setdefault(e, []).append((lp, len(examples[e].scored[k])))
+        chosen = [metrics.choose_option([lp for lp, _ in v]) for _, v in sorted(by_example.items())]
+        chosen_norm = [metrics.choose_option([lp for lp, _ in v], [n for _, n in v]) for _, v in sorted(by_example.items())]
+        labels = [e.label for e in examples]
+        return {"accuracy": 100 * metrics.accuracy(chosen, labels),
+                "accuracy_norm": 100 * metrics.accuracy(chosen_norm, labels)}, tokens
+
+    # ----- agreement with the unpruned model --------------------------------------------------
+    def _agreement(self, key: tuple, examples: list[_Example], plan: Plan, say: ProgressFn) -> dict[str, float]:
+        """Top-1 next-token agreement and mean KL(full || pruned) per token on the reference texts.
+
+        The unpruned model's log-probs are cached (fp16) per task when they fit in a fixed budget, so
+        comparing many plans on one task runs the full model once; otherwise both run batch by batch.
+        """
+        seqs = [e.agreement_ids for e in examples]
+        vocab = self.mm.model.config.get_text_config().vocab_size
+        cacheable = sum(len(s) for s in seqs) * vocab * 2 <= _FULL_CACHE_BYTES
+        cached = self._full_logprobs.get(key)
+        fresh: dict[int, torch.Tensor] = {}
+        agree = kl = 0.0
+        n = 0
+        batches = self._batches(seqs)
+        for done, idx in enumerate(batches, 1):
+            if cached is None:
+                with masked(self.mm, None):
+                    full = self._logprobs(seqs, idx)
+            with masked(self.mm, plan):
+                pruned = self._logprobs(seqs, idx)
+            for row, i in enumerate(idx):
+                length = len(seqs[i]) - 1
+                # fp16 whether fresh or cached, so a result never depends on what was evaluated before
+                p = (cached[i] if cached is not None else full[row, :length].half()).float()
+                q = pruned[row, :length].half().float()  # both sides in the precision of the cache
+                if cached is None and cacheable:
+                    fresh[i] = p.half()
+                agree += float((p.argmax(-1) == q.argmax(-1)).sum())
+                kl += float((p.exp() * (p - q)).sum())
+                n += length
+            say("comparing", done, len(batches))
+        if fresh:
+            self._full_logprobs[key] = [fresh[i] for i in range(len(seqs))]
+        return {"top1_agreement": agree / n, "mean_kl": kl / n}
+
+
+def evaluate(mm: MoEModel, task: TaskSpec | str, plan: Plan | None = None, split: str = "test",
+             limit: int | None = None, batch_size: int = 32, progress: ProgressFn | None = None) -> EvalResult:
+    """Evaluate one task (see :class:`Evaluator`; keep an Evaluator to reuse its caches)."""
+    return Evaluator(mm, batch_size=batch_size).evaluate(task, plan=plan, split=split, limit=limit, progress=progress)

@@ -1,0 +1,130 @@
+"""The evaluation harness on a tiny model with hand-checkable tasks: each metric kind against a direct,
+unbatched computation, agreement and cost of plans, caching and determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from core.evaluation import Evaluator, evaluate, plan_cost
+from core.model import MoEModel, load_model
+from core.plan import Plan
+from core.tasks import TaskSpec
+
+from .tiny_models import save_tiny
+
+PROMPTS = ["ab", "hello wor", "x", "the cat sat on t", "12+3=", "zz top"]
+PLAN = Plan(layers={0: [0, 1, 2, 3], 1: [4, 5, 6, 7]})
+
+
+@pytest.fixture(scope="module")
+def mm(tmp_path_factory) -> MoEModel:
+    return load_model(save_tiny(tmp_path_factory.mktemp("m") / "tiny"))
+
+
+def write_task(tmp_path, name, rows, **spec) -> TaskSpec:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "task.json").write_text(json.dumps({"name": name, "data_files": {"test": "test.jsonl"}, **spec}))
+    return TaskSpec.from_json(folder)
+
+
+def greedy(mm: MoEModel, text: str, n: int) -> str:
+    """The model's greedy continuation of one unpadded prompt (bos + text), computed step by step and
+    ended by the end-of-sequence token."""
+    ids = [mm.tokenizer.bos_token_id] + mm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(mm.model(torch.tensor([ids])).logits[0, -1].argmax())
+            if nxt == mm.tokenizer.eos_token_id:
+                break
+            ids.append(nxt)
+            out.append(nxt)
+    return mm.tokenizer.decode(out)
+
+
+def sequence_logprob(mm: MoEModel, prompt: str, continuation: str) -> float:
+    tok = mm.tokenizer
+    p = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+    c = tok(continuation, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(mm.model(torch.tensor([p + c])).logits[0].float(), -1)
+    return float(sum(logp[len(p) - 1 + j, t] for j, t in enumerate(c)))
+
+
+def test_generation_exact_match_and_squad_against_unbatched_greedy(mm, tmp_path):
+    answers = [greedy(mm, p, 4) for p in PROMPTS]
+    rows = [{"q": p, "answer": a if i % 2 == 0 else a + "#"} for i, (p, a) in enumerate(zip(PROMPTS, answers))]
+    spec = write_task(tmp_path, "gen", rows, metric="exact_match", prompt_template="{q}", answer_field="answer",
+                      target_prefix="", stop="", max_new_tokens=4)
+    result = Evaluator(mm, batch_size=4).evaluate(spec)
+    assert result.predictions == [a.strip() for a in answers]
+    assert result.metrics == {"exact_match": pytest.approx(50.0)}  # every other reference was spoiled
+    squad_rows = [{"q": p, "answers": {"text": [a.strip()], "answer_start": [0]}} for p, a in zip(PROMPTS, answers)]
+    squad = write_task(tmp_path, "sq", squad_rows, metric="squad", prompt_template="{q}", answer_field="answers",
+                       stop="", max_new_tokens=4)
+    scores = evaluate(mm, squad).metrics
+    assert set(scores) == {"exact_match", "f1"} and scores["f1"] >= scores["exact_match"] > 0
+
+
+def test_generation_stops_at_the_stop_string(mm, tmp_path):
+    raw = greedy(mm, "ab", 6)
+    stop = raw[2]  # a character the model produces third: the prediction must end before it
+    spec = write_task(tmp_path, "stop", [{"q": "ab", "answer": raw[:2]}], metric="exact_match",
+                      prompt_template="{q}", answer_field="answer", target_prefix="", stop=stop, max_new_tokens=6)
+    result = evaluate(mm, spec)
+    assert result.predictions == [raw.split(stop)[0].strip()]
+
+
+def test_lm_loss_matches_direct_computation(mm, tmp_path):
+    texts = ["hello world", "a", "the quick brown fox jumps"]
+    spec = write_task(tmp_path, "lm", [{"text": t} for t in texts], metric="lm_loss", text_field="text")
+    result = Evaluator(mm, batch_size=2).evaluate(spec)
+    total = sum(-sequence_logprob(mm, "", t) for t in texts)
+    n = sum(len(t) for t in texts)  # character tokenizer: one token per character
+    assert result.metrics["nll"] == pytest.approx(total / n, rel=1e-5)
+    assert result.metrics["perplexity"] == pytest.approx(torch.tensor(total / n).exp().item(), rel=1e-5)
+
+
+def test_multiple_choice_matches_direct_loglikelihood(mm, tmp_path):
+    rows = []
+    for i, p in enumerate(PROMPTS):
+        options = ["cat", "dog!", "x", "zebra"]
+        scores = [sequence_logprob(mm, p, " " + o) for o in options]
+        best = max(range(4), key=lambda k: scores[k])
+        rows.append({"q": p, "options": options, "label": best if i < 4 else (best + 1) % 4})
+    spec = write_task(tmp_path, "mc", rows, metric="multiple_choice", prompt_template="{q}", options_field="options",
+                      answer_field="label")
+    assert evaluate(mm, spec).metrics["accuracy"] == pytest.approx(100 * 4 / 6)
+
+
+def test_agreement_and_cost_of_plans(mm, tmp_path):
+    spec = write_task(tmp_path, "lm", [{"text": t} for t in PROMPTS], metric="lm_loss", text_field="text")
+    ev = Evaluator(mm)
+    full = ev.evaluate(spec)
+    assert full.agreement == {} and full.plan_digest is None
+    same = ev.evaluate(spec, plan=Plan(layers={0: list(range(8))}))
+    assert same.agreement["top1_agreement"] == 1.0 and same.agreement["mean_kl"] == pytest.approx(0, abs=1e-3)
+    assert same.metrics["nll"] == pytest.approx(full.metrics["nll"], rel=1e-6)
+    pruned = ev.evaluate(spec, plan=PLAN)
+    assert pruned.agreement["top1_agreement"] < 1.0 and pruned.agreement["mean_kl"] > 0  # near-uniform tiny model
+    assert pruned.metrics["nll"] != full.metrics["nll"]
+    # the unpruned reference is cached: a fresh evaluator gives the same numbers
+    assert Evaluator(mm).evaluate(spec, plan=PLAN).agreement == pruned.agreement
+    assert ev.evaluate(spec, plan=PLAN) is pruned  # results cached by plan digest
+    assert pruned.cost["total_params"] < full.cost["total_params"]
+    assert pruned.cost["tokens_per_s"] > 0
+
+
+def test_plan_cost_by_hand(mm):
+    info = mm.info()
+    per_expert = info.expert_params / (2 * 8)  # two MoE layers of 8 experts
+    cost = plan_cost(mm, Plan(layers={0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, top_k=1))
+    assert cost["total_params"] == pytest.approx(info.total_params - 8 * per_expert)
+    assert cost["active_params"] == pytest.approx(info.total_params - info.expert_params + 2 * per_expert)
+    assert cost["weight_bytes"] == pytest.approx(cost["total_params"] * 4)
+    assert plan_cost(mm, None)["active_params"] == info.active_params
