@@ -454,6 +454,12 @@ def heldout_keys(tasks_dir: Path = DEFAULT_OUT) -> set[str]:
     return keys
 
 
+def training_texts(kind: str) -> list[str]:
+    """Code chunks / docstrings of the 'train' files minus any text that also occurs in a held-out file."""
+    heldout = {t for split in SPLITS for t in stdlib_texts(kind, split)}
+    return [t for t in stdlib_texts(kind, "train") if t not in heldout]
+
+
 def training_documents(kind: str, seed: int, exclude: set[str]) -> Iterator[list[tuple[str, bool]]]:
     """Endless training documents as segments (text, is_answer); answer segments end with the
     stop "\n" and get the extra loss weight. qa documents ask 1-4 questions about one context.
@@ -481,8 +487,7 @@ def training_documents(kind: str, seed: int, exclude: set[str]) -> Iterator[list
                 continue
             yield [(ARITH_TEMPLATE.format(expression=e["expression"]), False), (e["answer"] + "\n", True)]
     elif kind in ("code", "prose"):
-        heldout = {t for split in SPLITS for t in stdlib_texts(kind, split)}
-        texts = [t for t in stdlib_texts(kind, "train") if t not in heldout]
+        texts = training_texts(kind)
         while True:
             order = list(range(len(texts)))
             rng.shuffle(order)
