@@ -62,7 +62,14 @@ def _expand(values: torch.Tensor, keep_t: torch.Tensor, n_experts: int, fill: fl
     return full.index_copy_(1, keep_t, values)
 
 
-def _remapping_forward(adapter: Adapter, sub: nn.Module, keep: list[int], n_experts: int):
+def skip_weak_experts(weights: torch.Tensor, beta: float) -> torch.Tensor:
+    """NAEE dynamic skipping: zero the weight of every chosen expert below ``beta`` times the strongest one
+    (not renormalised: the skipped expert's share is simply dropped)."""
+    top = weights.max(dim=-1, keepdim=True).values
+    return torch.where(weights < beta * top, torch.zeros_like(weights), weights)
+
+
+def _remapping_forward(adapter: Adapter, sub: nn.Module, keep: list[int], n_experts: int, beta: float | None):
     """Forward of the masked router: the pruned router's decisions in original expert ids."""
     keep_t: torch.Tensor | None = None
 
@@ -74,7 +81,8 @@ def _remapping_forward(adapter: Adapter, sub: nn.Module, keep: list[int], n_expe
             keep_t = torch.tensor(keep, dtype=torch.long, device=logits.device)
         full_logits = _expand(logits, keep_t, n_experts, float("-inf"))
         if adapter.router_output == "decisions":
-            return full_logits, out[1], keep_t[out[2]]
+            weights = out[1] if beta is None else skip_weak_experts(out[1], beta)
+            return full_logits, weights, keep_t[out[2]]
         if adapter.router_output == "scores":
             return _expand(out[0], keep_t, n_experts, 0.0), full_logits
         return full_logits
@@ -107,10 +115,11 @@ def masked(mm: MoEModel, plan: Plan | None) -> Iterator[MoEModel]:
 def _mask_layer(mm: MoEModel, layer: MoELayer, plan: Plan, restore: list) -> None:
     adapter, n = mm.adapter, mm.n_experts
     keep = plan.keep(layer.index, n)
-    if keep == list(range(n)) and plan.top_k is None:
+    beta = plan.dynamic_skip.get(layer.index)
+    if keep == list(range(n)) and plan.top_k is None and beta is None:
         return
     sub = pruned_router(adapter, layer.router, keep, plan.top_k, n)
-    _set_instance_attr(layer.router, "forward", _remapping_forward(adapter, sub, keep, n), restore)
+    _set_instance_attr(layer.router, "forward", _remapping_forward(adapter, sub, keep, n, beta), restore)
     if adapter.block_top_k_attr and plan.top_k is not None:
         _set_instance_attr(layer.block, adapter.block_top_k_attr, plan.top_k, restore)
 

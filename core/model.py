@@ -101,6 +101,7 @@ class MoEModel:
             topk_group=topk_group,
             fixed_top_k=self.adapter.fixed_top_k is not None,
             group_top_needs=2 if self.adapter.bias_corrected and n_groups > 1 else 1,
+            skippable=self.adapter.router_output == "decisions",
         )
 
     def weights_digest(self) -> str:

@@ -36,6 +36,12 @@ class Plan:
         """Kept experts of a layer in ascending order (the order physical pruning renumbers them in)."""
         return sorted(self.layers.get(layer, range(n_experts)))
 
+    @property
+    def dynamic_skip(self) -> dict[int, float]:
+        """NAEE dynamic skipping thresholds per layer (``extra["dynamic_skip"]``): at inference a chosen
+        expert whose gate weight is below beta times the strongest one's is skipped."""
+        return {int(k): float(v) for k, v in self.extra.get("dynamic_skip", {}).items()}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": PLAN_FORMAT,
@@ -105,6 +111,7 @@ class RoutingSpec:
     topk_group: int | None = None
     fixed_top_k: bool = False
     group_top_needs: int = 1  # experts a group must keep for its group score (DeepSeek-V3 sums the top 2)
+    skippable: bool = True  # whether masking can apply dynamic skipping (routers that return decisions)
 
 
 def validate_plan(plan: Plan, spec: RoutingSpec, for_export: bool = False) -> None:
@@ -117,6 +124,17 @@ def validate_plan(plan: Plan, spec: RoutingSpec, for_export: bool = False) -> No
                                 f"{spec.top_k}.")
         if not 1 <= plan.top_k <= n:
             raise MoEScopeError(f"top_k {plan.top_k} is out of range; choose 1 to {n}.")
+    for layer, beta in plan.dynamic_skip.items():
+        if layer not in spec.moe_layers:
+            raise MoEScopeError(f"dynamic_skip names layer {layer}, which is not a MoE layer; MoE layers are "
+                                f"{list(spec.moe_layers)}.")
+        if not 0 <= beta <= 1:
+            raise MoEScopeError(f"dynamic_skip beta {beta} for layer {layer} must lie between 0 and 1.")
+        if not spec.skippable:
+            raise MoEScopeError(f"{spec.family} routers cannot skip experts dynamically; remove dynamic_skip.")
+    if for_export and plan.dynamic_skip:
+        raise MoEScopeError("dynamic_skip is a rule applied at inference that plain transformers cannot store; "
+                            "remove it from the plan to export (keep it for masked evaluation).")
     for layer, keep in plan.layers.items():
         if layer not in spec.moe_layers:
             raise MoEScopeError(f"Layer {layer} is not a MoE layer of this model; MoE layers are "

@@ -186,3 +186,24 @@ def test_load_model_options(tmp_path):
     # the digest identifies the routing weights as loaded: same checkpoint and dtype, same digest
     assert load_model(path).weights_digest() == load_model(path).weights_digest() != mm.weights_digest()
     assert load_model(save_tiny(tmp_path / "other", seed=1)).weights_digest() != load_model(path).weights_digest()
+
+
+def test_dynamic_skipping_drops_weak_second_experts(mixtral, tmp_path):
+    from core.masking import skip_weak_experts
+
+    w = torch.tensor([[0.7, 0.3], [0.55, 0.45], [0.9, 0.1]])
+    assert torch.equal(skip_weak_experts(w, 0.5), torch.tensor([[0.7, 0.0], [0.55, 0.45], [0.9, 0.0]]))
+    x = ids(2, 10, seed=9)
+    with torch.no_grad():
+        full = mixtral.model(input_ids=x).logits.clone()
+        with masked(mixtral, Plan(layers={}, extra={"dynamic_skip": {"0": 0.0, "1": 0.0}})):
+            assert torch.equal(mixtral.model(input_ids=x).logits, full)  # beta 0 skips nothing
+        with masked(mixtral, Plan(layers={}, extra={"dynamic_skip": {"0": 1.0, "1": 1.0}})):
+            skipped = mixtral.model(input_ids=x).logits.clone()
+        assert not torch.allclose(skipped, full)  # beta 1 keeps only each token's strongest expert
+    with pytest.raises(MoEScopeError, match="between 0 and 1"):
+        validate_plan(Plan(layers={}, extra={"dynamic_skip": {"0": 1.5}}), mixtral.routing_spec())
+    with pytest.raises(MoEScopeError, match="cannot store"):
+        export_pruned(mixtral, Plan(layers={}, extra={"dynamic_skip": {"0": 0.5}}), tmp_path / "x")
+    with pytest.raises(MoEScopeError, match="cannot skip experts dynamically"):
+        validate_plan(Plan(layers={}, extra={"dynamic_skip": {"0": 0.5}}), MoEModel(build("dbrx")).routing_spec())

@@ -1,0 +1,137 @@
+"""What every pruning method shares: the target it must meet, the calibration data it may look at, and how
+per-expert scores become a plan.
+
+A method is a small object with a ``name``, constructor parameters, and ``plan(mm, calibration, target)``
+returning a :class:`~core.plan.Plan` that meets the target, carrying its provenance (method, parameters,
+seed, calibration digest, scores, forward passes, wall time) in ``extra`` — like scikit-learn estimators,
+parameters go to the constructor and data to the call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import MoEScopeError
+from ..model import MoEModel
+from ..plan import Plan, validate_plan
+from ..tasks import TaskSpec, get_task_spec, load_task, training_text
+
+ProgressFn = Callable[[str, float], None]  # (what is happening, fraction done 0..1)
+
+
+@dataclass(frozen=True)
+class Target:
+    """How small the pruned model should be: ``keep`` experts per MoE layer, or a ``ratio`` of experts
+    removed (0.5 keeps half), and optionally the top-k to route with."""
+
+    keep: int | None = None
+    ratio: float | None = None
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.keep is None) == (self.ratio is None):
+            raise MoEScopeError("Give exactly one of keep (experts per layer) or ratio (fraction removed).")
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise MoEScopeError(f"ratio {self.ratio} must be at least 0 and below 1 (the fraction of experts removed).")
+
+    def experts_kept(self, mm: MoEModel) -> int:
+        """Experts each layer keeps: at least top-k, and for grouped routing the same number in every group,
+        enough per group for the group's score and for top-k to be found in the chosen groups."""
+        spec = mm.routing_spec()
+        n, groups = mm.n_experts, spec.n_groups
+        top_k = self.top_k or mm.top_k
+        keep = self.keep if self.keep is not None else round(n * (1 - self.ratio))
+        keep = max(keep, top_k, groups * spec.group_top_needs)
+        if spec.topk_group:
+            keep = max(keep, groups * math.ceil(top_k / spec.topk_group))
+        keep = int(math.ceil(keep / groups) * groups)
+        if not top_k <= keep <= n:
+            raise MoEScopeError(f"Cannot keep {keep} of {n} experts with top-{top_k}; keep between {top_k} and {n}.")
+        return keep
+
+
+@dataclass
+class Calibration:
+    """The data a method may look at: a task's split (default ``calibration``), at most ``limit`` examples."""
+
+    task: TaskSpec
+    split: str = "calibration"
+    limit: int | None = None
+    _rows: list[dict[str, Any]] | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, task: TaskSpec | str, split: str = "calibration", limit: int | None = None) -> "Calibration":
+        return cls(get_task_spec(task), split, limit)
+
+    def rows(self) -> list[dict[str, Any]]:
+        if self._rows is None:
+            data = load_task(self.task, self.split)
+            if self.limit:
+                data = data.select(range(min(self.limit, len(data))))
+            self._rows = list(data)
+        return self._rows
+
+    def texts(self) -> list[str]:
+        """Each example as the model would read it whole: prompt followed by its reference answer."""
+        return ["".join(training_text(self.task, row)) for row in self.rows()]
+
+    def digest(self) -> str:
+        blob = json.dumps([self.task.name, self.split, self.rows()], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class PruningMethod(Protocol):
+    name: str
+
+    def plan(self, mm: MoEModel, calibration: Calibration, target: Target,
+             progress: ProgressFn | None = None) -> Plan: ...
+
+
+def top_experts(scores: np.ndarray, keep: int, groups: int = 1) -> list[int]:
+    """The ``keep`` highest-scoring experts (ties to the lower id), the same number from every group."""
+    n = len(scores)
+    size, per_group = n // groups, keep // groups
+    chosen: list[int] = []
+    for g in range(groups):
+        ids = np.arange(g * size, (g + 1) * size)
+        order = ids[np.lexsort((ids, -scores[ids]))]
+        chosen.extend(int(i) for i in order[:per_group])
+    return sorted(chosen)
+
+
+def plan_from_scores(mm: MoEModel, scores: dict[int, np.ndarray], target: Target, method: str,
+                     parameters: dict[str, Any], calibration: Calibration | None, started: float,
+                     forward_passes: int, seed: int | None = None, **extra: Any) -> Plan:
+    """Keep each layer's top-scoring experts and record how the plan was made."""
+    keep = target.experts_kept(mm)
+    groups = mm.routing_spec().n_groups
+    layers = {layer: top_experts(np.asarray(s, float), keep, groups) for layer, s in scores.items()}
+    return finish_plan(mm, layers, target, method, parameters, calibration, started, forward_passes, seed,
+                       scores={str(k): [float(x) for x in v] for k, v in scores.items()}, **extra)
+
+
+def finish_plan(mm: MoEModel, layers: dict[int, list[int]], target: Target, method: str,
+                parameters: dict[str, Any], calibration: Calibration | None, started: float,
+                forward_passes: int, seed: int | None = None, **extra: Any) -> Plan:
+    plan = Plan(layers=layers, top_k=target.top_k, model=mm.source, extra={
+        "method": method,
+        "parameters": parameters,
+        "seed": seed,
+        "target": {"keep": target.keep, "ratio": target.ratio, "top_k": target.top_k},
+        "calibration": None if calibration is None else {
+            "task": calibration.task.name, "split": calibration.split, "limit": calibration.limit,
+            "digest": calibration.digest()},
+        "forward_passes": forward_passes,
+        "wall_time_s": round(time.perf_counter() - started, 3),
+        **extra,
+    })
+    validate_plan(plan, mm.routing_spec())
+    return plan
