@@ -6,6 +6,7 @@ from typing import Any
 
 from ..errors import MoEScopeError
 from .base import Calibration, PruningMethod, Target
+from .eep import EEP
 from .usage import Frequency, Random, SoftActivation, TopKReduction
 
 METHODS: dict[str, type] = {
@@ -13,6 +14,7 @@ METHODS: dict[str, type] = {
     "frequency": Frequency,
     "soft_activation": SoftActivation,
     "top_k": TopKReduction,
+    "eep": EEP,
 }
 
 

@@ -1,0 +1,97 @@
+"""EEP phase 1: the evolutionary search finds the optimum of a small synthetic fitness, never loses its
+best, resumes exactly, can be cancelled, and returns valid plans on models."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.methods import Target, make_method
+from core.methods.eep import SearchState, evolve
+from core.model import MoEModel
+from core.plan import validate_plan
+
+from .test_methods import lm_task, with_dead_experts
+from .tiny_models import build_layout, char_tokenizer
+
+GOAL = ((0, 1, 2, 3), (2, 3, 6, 7), (1, 4, 5, 7))
+
+
+def overlap(genome) -> float:
+    return float(sum(len(set(kept) & set(goal)) for kept, goal in zip(genome, GOAL)))
+
+
+def test_search_finds_the_optimum_and_never_loses_its_best():
+    state = evolve(overlap, n_layer_groups=3, n_experts=8, keep=4, population=12, offspring=12, generations=25)
+    assert state.best == (GOAL, 12.0)
+    assert all(b >= a for a, b in zip(state.curve, state.curve[1:]))
+    assert state.curve[0] < 12.0  # random starts are not already optimal: the search did the work
+    assert state.evaluations == len(state.cache) <= 12 + 12 * 25
+
+
+def test_search_respects_routing_groups():
+    seen = []
+
+    def fit(genome):
+        seen.append(genome)
+        return overlap(genome)
+
+    evolve(fit, n_layer_groups=3, n_experts=8, keep=4, routing_groups=2, generations=5)
+    assert all(sum(e < 4 for e in kept) == 2 for genome in seen for kept in genome)
+
+
+def test_resume_continues_exactly(tmp_path):
+    whole = evolve(overlap, 3, 8, 4, generations=6, seed=3)
+    path = tmp_path / "state.json"
+    first = evolve(overlap, 3, 8, 4, generations=3, seed=3, on_generation=lambda s: s.save(path))
+    assert first.generation == 3
+    resumed = evolve(overlap, 3, 8, 4, generations=6, seed=3, state=SearchState.load(path))
+    assert resumed.curve == whole.curve and resumed.best == whole.best
+    assert resumed.evaluations == whole.evaluations
+
+
+def test_cancel_keeps_the_best_so_far():
+    calls = []
+
+    def fit(genome):
+        calls.append(genome)
+        return overlap(genome)
+
+    state = evolve(fit, 3, 8, 4, generations=50, should_stop=lambda: len(calls) >= 20)
+    assert state.cancelled and len(calls) == 20
+    assert state.best[1] == max(overlap(g) for g in calls)
+
+
+def test_eep_plan_on_a_model_prunes_dead_experts(tmp_path):
+    mm = with_dead_experts()
+    progress = []
+    plan = make_method("eep", population=6, offspring=6, generations=4, seed=0).plan(
+        mm, lm_task(tmp_path), Target(keep=5), progress=lambda msg, frac: progress.append(frac))
+    validate_plan(plan, mm.routing_spec(), for_export=True)
+    assert all(len(k) == 5 for k in plan.layers.values())
+    curve = plan.extra["fitness"]["curve"]
+    assert all(b <= a for a, b in zip(curve, curve[1:]))  # metric is NLL: lower is better, never worse
+    assert plan.extra["fitness"]["best"] == curve[-1]
+    assert plan.extra["forward_passes"] == plan.extra["evaluations"] * 5
+    assert progress and progress[-1] <= 1.0
+
+
+def test_eep_state_file_resumes(tmp_path):
+    mm = MoEModel(build_layout("deepseek_v3-grouped-dense-first"), tokenizer=char_tokenizer())
+    path = tmp_path / "eep.json"
+    task = lm_task(tmp_path)
+    eep = make_method("eep", population=4, offspring=4, generations=2, state_path=str(path))
+    first = eep.plan(mm, task, Target(keep=4))
+    assert path.exists() and SearchState.load(path).generation == 2
+    validate_plan(first, mm.routing_spec(), for_export=True)
+    again = make_method("eep", population=4, offspring=4, generations=3, state_path=str(path)).plan(mm, task, Target(keep=4))
+    assert again.extra["generations_done"] == 3
+    assert again.extra["evaluations"] <= first.extra["evaluations"] + 4
+
+
+def test_bad_state_file(tmp_path):
+    from core.errors import MoEScopeError
+
+    path = tmp_path / "s.json"
+    path.write_text("nonsense")
+    with pytest.raises(MoEScopeError, match="not a saved EEP search state"):
+        SearchState.load(path)
