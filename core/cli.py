@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import MoEScopeError
+from .io import refuse_existing
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -51,7 +52,6 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import directory_bytes, export_pruned
-    from .io import refuse_existing
     from .plan import Plan
 
     plan = Plan.load(args.plan)
@@ -90,6 +90,52 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                   f"({result.cost['tokens_per_s']:.0f} tokens/s)")
     if args.json:
         print(json.dumps([{k: v for k, v in r.to_dict().items() if k != "predictions"} for r in results], indent=2))
+
+
+def _parse_params(items: list[str]) -> dict:
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise MoEScopeError(f"--param {item!r} must look like name=value.")
+        try:
+            params[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.replace("-", "_")] = value
+    return params
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from .methods import Calibration, Target, make_method
+
+    params = _parse_params(args.param)
+    if args.seed is not None:
+        params["seed"] = args.seed
+    if args.state:
+        params["state_path"] = args.state
+    try:
+        method = make_method(args.method, **params)
+    except TypeError as exc:
+        raise MoEScopeError(f"Bad --param for {args.method}: {exc}.") from None
+    target = Target(keep=args.keep, ratio=None if args.keep else args.ratio, top_k=args.top_k)
+    calibration = Calibration.of(args.task, split=args.split, limit=args.limit or None)
+    refuse_existing(Path(args.out), args.overwrite)
+    mm = _load(args)
+    bar = tqdm(total=1000, desc=args.method, bar_format="{l_bar}{bar}| {elapsed} {postfix}")
+
+    def progress(message: str, fraction: float) -> None:
+        bar.n = int(1000 * fraction)
+        bar.set_postfix_str(message)
+
+    plan = method.plan(mm, calibration, target, progress=progress)
+    bar.close()
+    plan.save(args.out)
+    kept = {k: len(v) for k, v in plan.layers.items()}
+    print(f"wrote {args.out}: {args.method} keeps {sorted(set(kept.values())) or 'all'} experts per layer, "
+          f"top-k {plan.top_k or mm.top_k}, {plan.extra.get('forward_passes', 0)} forward passes, "
+          f"{plan.extra.get('wall_time_s', 0):.1f} s")
 
 
 def cmd_merge_profiles(args: argparse.Namespace) -> None:
@@ -139,6 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("prune", help="make a pruning plan with one method")
+    _model_args(p)
+    p.add_argument("--method", required=True, help="random, frequency, soft_activation, reap, naee, "
+                                                   "dynamic_skip, top_k, eep")
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction of experts removed per layer (default 0.5)")
+    p.add_argument("--keep", type=int, help="experts kept per layer (instead of --ratio)")
+    p.add_argument("--top-k", type=int, help="route each token to this many experts")
+    p.add_argument("--task", required=True, help="calibration task: a sample task name or a task.json")
+    p.add_argument("--split", default="calibration")
+    p.add_argument("--limit", type=int, default=0, help="at most this many calibration examples")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="method parameter, e.g. --param generations=20 (repeatable)")
+    p.add_argument("--state", help="EEP: save the search here each generation and resume from it")
+    p.add_argument("--out", required=True, help="plan JSON to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("merge-profiles", help="combine profiles of disjoint shards into one")
     p.add_argument("profiles", nargs="+")

@@ -98,3 +98,28 @@ def test_evaluate_command(model_dir, tmp_path, capsys):
     assert 0 <= result["agreement"]["top1_agreement"] <= 1 and result["plan_digest"]
     assert main(["evaluate", str(model_dir), "--task", "no-such-task"]) == 2
     assert "unknown task 'no-such-task'" in capsys.readouterr().err
+
+
+def test_prune_command_writes_a_plan(model_dir, tmp_path, capsys):
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    (folder / "calibration.jsonl").write_text('{"text": "hello world"}\n{"text": "abc def"}\n')
+    (folder / "task.json").write_text(json.dumps({"name": "lm", "metric": "lm_loss", "text_field": "text",
+                                                  "data_files": {"calibration": "calibration.jsonl"}}))
+    out = tmp_path / "plan.json"
+    assert main(["prune", str(model_dir), "--method", "frequency", "--ratio", "0.5", "--top-k", "1",
+                 "--task", str(folder), "--out", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["format"] == "moescope-plan" and plan["method"] == "frequency" and plan["top_k"] == 1
+    assert all(len(v["keep"]) == 4 for v in plan["layers"].values())
+    assert "keeps [4] experts per layer" in capsys.readouterr().out
+    out2 = tmp_path / "eep.json"
+    assert main(["prune", str(model_dir), "--method", "eep", "--keep", "6", "--task", str(folder), "--out", str(out2),
+                 "--param", "generations=1", "--param", "population=3", "--param", "offspring=2", "--seed", "4"]) == 0
+    eep = json.loads(out2.read_text())
+    assert eep["seed"] == 4 and eep["parameters"]["generations"] == 1
+    assert main(["prune", str(model_dir), "--method", "eep", "--task", str(folder), "--out", str(out2)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["prune", str(model_dir), "--method", "frequency", "--task", str(folder), "--out",
+                 str(tmp_path / "x.json"), "--param", "nonsense=1"]) == 2
+    assert "Bad --param for frequency" in capsys.readouterr().err
