@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,16 +39,28 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_profile(args: argparse.Namespace) -> None:
     from .plan import Plan
-    from .profiling import profile_texts, read_task_texts
+    from .profiling import Sharding, profile_texts, read_task_texts
 
     tasks = dict(read_task_texts(t, args.text_field) for t in args.task)
     if args.limit:
         tasks = {k: v[:args.limit] for k, v in tasks.items()}
+    sharding = Sharding.from_env(args.batches_per_shard)
+    if sharding.world > 1 and "MASTER_ADDR" in os.environ:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # torchrun / accelerate launch: gloo is enough for barriers
+            dist.init_process_group("gloo")
     mm = _load(args)
     plan = Plan.load(args.plan) if args.plan else None
     out = profile_texts(mm, tasks, args.out, batch_size=args.batch_size, max_length=args.max_length,
-                        max_new_tokens=args.max_new_tokens, with_probs=args.probs, plan=plan)
-    print(f"wrote {out} and {out.with_suffix('.json').name}")
+                        max_new_tokens=args.max_new_tokens, with_probs=args.probs, plan=plan,
+                        progress=sharding.rank == 0, sharding=sharding)
+    if out.suffix == ".parquet":
+        if sharding.rank == 0:
+            print(f"wrote {out} and {out.with_suffix('.json').name}")
+    else:
+        print(f"process {sharding.rank} of {sharding.world} wrote its shards to {out}; when all are done run "
+              f"`moescope merge-profiles {out}/shard-*.parquet --out {args.out}`")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -166,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="at most this many texts per task")
     p.add_argument("--probs", action="store_true", help="also store full router probabilities")
     p.add_argument("--plan", help="record under a pruning plan (masked experts)")
+    p.add_argument("--batches-per-shard", type=int, default=16,
+                   help="shard size in batches when the work is split (torchrun, Slurm array) or resumed")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("export", help="write a physically pruned checkpoint from a plan")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -167,8 +168,8 @@ def load_model(source: str | Path, dtype: str = "auto", device: str = "cpu", tru
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if device == "auto":
         kwargs["device_map"] = "auto"
-    elif device == "cuda":
-        kwargs["device_map"] = "cuda"
+    elif device == "cuda":  # one GPU per process under torchrun / accelerate launch
+        kwargs["device_map"] = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
     try:

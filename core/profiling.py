@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -13,20 +15,70 @@ from .errors import MoEScopeError
 from .masking import masked
 from .model import MoEModel
 from .plan import Plan
-from .profile import ProfileMeta, ProfileWriter
+from .profile import Profile, ProfileMeta, ProfileWriter, merge_profiles
 from .recorder import RouterRecorder
 
 ProgressFn = Callable[[int, int, float], None]  # (tokens done, tokens total, tokens per second)
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One forward's worth of texts: a task and the indices of its texts (sorted by length)."""
+
+    task: str
+    examples: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """Which shards of the work this process records: shard ``c`` belongs to process ``c % world``.
+
+    A shard is ``batches_per_shard`` consecutive batches of the single-process order, written to its own
+    file ``<out>.parts/shard-<c>.parquet``; merging the shards in order gives the single-process profile
+    row for row, and a rerun skips shards already complete on disk.
+    """
+
+    rank: int = 0
+    world: int = 1
+    batches_per_shard: int = 16
+
+    @classmethod
+    def from_env(cls, batches_per_shard: int = 16) -> "Sharding":
+        """torchrun / accelerate launch set RANK and WORLD_SIZE; a Slurm array sets SLURM_ARRAY_*."""
+        env = os.environ
+        if "WORLD_SIZE" in env:
+            return cls(int(env.get("RANK", 0)), int(env["WORLD_SIZE"]), batches_per_shard)
+        if "SLURM_ARRAY_TASK_COUNT" in env:
+            first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+            return cls(int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"]), batches_per_shard)
+        return cls(0, 1, batches_per_shard)
+
+
+def plan_batches(encoded: Mapping[str, Sequence[Sequence[int]]], batch_size: int) -> list[Batch]:
+    """The canonical batch order: tasks in order, texts sorted by length inside a task."""
+    batches = []
+    for name, seqs in encoded.items():
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        batches += [Batch(name, tuple(order[lo:lo + batch_size])) for lo in range(0, len(order), batch_size)]
+    return batches
+
+
+def parts_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".parts")
+
+
 def profile_texts(mm: MoEModel, tasks: Mapping[str, Sequence[str]], out: str | Path, batch_size: int = 8,
                   max_length: int = 512, max_new_tokens: int = 0, with_probs: bool = False,
-                  plan: Plan | None = None, progress: bool | ProgressFn = True) -> Path:
+                  plan: Plan | None = None, progress: bool | ProgressFn = True,
+                  sharding: Sharding | None = None) -> Path:
     """Record routing for every text of every task into the profile ``out`` (.parquet + .json).
 
     Texts are sorted by length inside a task so batches carry little padding; ``example`` in the profile
     is the text's index in its task's list. With ``max_new_tokens`` > 0 the model also generates and the
-    decode steps are recorded (``step`` >= 1).
+    decode steps are recorded (``step`` >= 1). With a ``sharding`` of several processes, this process
+    records only its shards (see :class:`Sharding`); under torchrun the processes then wait for each other
+    and rank 0 merges the shards into ``out``; otherwise run ``moescope merge-profiles`` afterwards.
     """
     tok = mm.tokenizer
     if tok is None:
@@ -37,36 +89,77 @@ def profile_texts(mm: MoEModel, tasks: Mapping[str, Sequence[str]], out: str | P
         tok.pad_token = tok.eos_token
     encoded = {name: [tok(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
                for name, texts in tasks.items()}
-    total = sum(len(ids) for seqs in encoded.values() for ids in seqs)
     meta = ProfileMeta(model=mm.source, weights_digest=mm.weights_digest(), family=mm.adapter.family,
                        layers=mm.layer_indices, n_experts=mm.n_experts,
                        top_k=plan.top_k if plan and plan.top_k else mm.top_k, tasks=list(tasks),
                        tokenizer=getattr(tok, "name_or_path", None), with_probs=with_probs,
                        weights_semantics=mm.adapter.weights_semantics,
                        plan_digest=plan.digest() if plan else None)
+    batches = plan_batches(encoded, batch_size)
+    if sharding is None or sharding.world == 1 and sharding.batches_per_shard >= len(batches):
+        jobs = [(Path(out), batches)]
+    else:
+        shards = [batches[lo:lo + sharding.batches_per_shard]
+                  for lo in range(0, len(batches), sharding.batches_per_shard)]
+        folder = parts_dir(out)
+        jobs = [(folder / f"shard-{c:05d}.parquet", shard) for c, shard in enumerate(shards)
+                if c % sharding.world == sharding.rank and not _complete(folder / f"shard-{c:05d}.parquet", meta)]
+    total = sum(len(encoded[b.task][i]) for _, job in jobs for b in job for i in b.examples)
     bar = tqdm(total=total, unit="tok", desc="profiling", disable=progress is not True)
     device = next(mm.model.parameters()).device
     start, done = time.perf_counter(), 0
     tok.padding_side = "left" if max_new_tokens else "right"
-    with ProfileWriter(out, meta) as writer, masked(mm, plan), RouterRecorder(mm, writer) as rec, \
-            torch.inference_mode():
-        for name, seqs in encoded.items():
-            order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-            for lo in range(0, len(order), batch_size):
-                ids = order[lo:lo + batch_size]
-                batch = tok.pad({"input_ids": [seqs[i] for i in ids]}, return_tensors="pt").to(device)
-                with rec.batch(name, ids):
-                    if max_new_tokens:
-                        mm.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                          pad_token_id=tok.pad_token_id)
-                    else:
-                        mm.model(**batch)
-                n = sum(len(seqs[i]) for i in ids)
-                done += n
-                bar.update(n)
-                if callable(progress):
-                    progress(done, total, done / max(time.perf_counter() - start, 1e-9))
+    with masked(mm, plan), torch.inference_mode():
+        for path, job in jobs:
+            with ProfileWriter(path, ProfileMeta(**{**asdict(meta), "tasks": list(tasks)})) as writer, \
+                    RouterRecorder(mm, writer) as rec:
+                for b in job:
+                    seqs = encoded[b.task]
+                    inputs = tok.pad({"input_ids": [seqs[i] for i in b.examples]}, return_tensors="pt").to(device)
+                    with rec.batch(b.task, list(b.examples)):
+                        if max_new_tokens:
+                            mm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                              pad_token_id=tok.pad_token_id)
+                        else:
+                            mm.model(**inputs)
+                    n = sum(len(seqs[i]) for i in b.examples)
+                    done += n
+                    bar.update(n)
+                    if callable(progress):
+                        progress(done, total, done / max(time.perf_counter() - start, 1e-9))
     bar.close()
+    if jobs and jobs[0][0] == Path(out):
+        return Path(out)
+    return _finish_shards(out, len(batches), sharding)
+
+
+def _complete(path: Path, meta: ProfileMeta) -> bool:
+    """A shard left by an earlier run counts only if it is whole and from the same model and settings."""
+    if not path.exists():
+        return False
+    try:
+        done = Profile(path).meta
+    except MoEScopeError:
+        return False
+    return all(getattr(done, k) == getattr(meta, k) for k in ("weights_digest", "layers", "top_k", "plan_digest",
+                                                             "with_probs"))
+
+
+def _finish_shards(out: str | Path, n_batches: int, sharding: Sharding) -> Path:
+    """Merge the shards into ``out``: at once for a single process; under torch.distributed after every
+    process is done, by rank 0; otherwise (a Slurm array) later, with ``moescope merge-profiles``."""
+    import torch.distributed as dist
+
+    n_shards = -(-n_batches // sharding.batches_per_shard)
+    shard_paths = [parts_dir(out) / f"shard-{c:05d}.parquet" for c in range(n_shards)]
+    if sharding.world == 1:
+        return merge_profiles(shard_paths, out)
+    if not (dist.is_available() and dist.is_initialized()):
+        return parts_dir(out)
+    dist.barrier()
+    if sharding.rank == 0:
+        merge_profiles(shard_paths, out)
+    dist.barrier()
     return Path(out)
 
 
