@@ -20,12 +20,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="'auto' spreads the model over the available devices (accelerate device_map)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run Python code shipped with the checkpoint (off by default)")
+    p.add_argument("--experts-implementation", choices=["grouped_mm", "eager", "batched_mm"],
+                   help="how experts are computed (default grouped_mm; never batched_mm on CPU)")
 
 
 def _load(args: argparse.Namespace):
     from .model import load_model
 
-    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                      experts_implementation=args.experts_implementation)
 
 
 def cmd_info(args: argparse.Namespace) -> None:

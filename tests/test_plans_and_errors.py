@@ -178,6 +178,9 @@ def test_load_model_options(tmp_path):
     mm = load_model(path, dtype="bf16")
     assert mm.info().dtype == "bfloat16" and mm.tokenizer is not None and mm.source == str(path)
     assert load_model(path, dtype="fp32", device="auto").info().device == "cpu"  # accelerate device_map
+    assert load_model(path, experts_implementation="eager").model.config._experts_implementation == "eager"
+    with pytest.raises(MoEScopeError, match="80x slower"):
+        load_model(path, experts_implementation="batched_mm")
     with pytest.raises(MoEScopeError, match="Unknown dtype 'int3'"):
         load_model(path, dtype="int3")
     if not torch.cuda.is_available():
