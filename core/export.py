@@ -16,7 +16,7 @@ import torch
 from .adapters import set_field
 from .errors import MoEScopeError
 from .io import atomic_directory
-from .masking import slice_router_state
+from .masking import mapped_router_state, merged_expert_tensor, slice_router_state
 from .model import MoEModel
 from .plan import Plan, validate_plan
 
@@ -24,18 +24,23 @@ PLAN_FILENAME = "moescope-plan.json"
 
 
 def pruned_state_dict(mm: MoEModel, plan: Plan) -> dict[str, torch.Tensor]:
-    """The model's state dict with every MoE layer's router and experts restricted to the kept experts."""
+    """The model's state dict with every MoE layer's router and experts restricted to the kept experts,
+    or, for layers the plan merges, replaced by the mapped router and the merged experts."""
     state = mm.model.state_dict()
     n = mm.n_experts
     names = {module: name for name, module in mm.model.named_modules()}
+    merges = plan.merge
     for layer in mm.layers:
         keep = plan.keep(layer.index, n)
-        router_prefix = names[layer.router]
-        for name, tensor in slice_router_state(mm.adapter, layer.router, keep).items():
+        merge = merges.get(layer.index)
+        router_prefix, experts_prefix = names[layer.router], names[layer.experts]
+        router_state = (slice_router_state(mm.adapter, layer.router, keep) if merge is None
+                        else mapped_router_state(mm.adapter, layer.router, merge[0]))
+        for name, tensor in router_state.items():
             state[f"{router_prefix}.{name}"] = tensor
-        experts_prefix = names[layer.experts]
         for name, tensor in layer.experts.state_dict().items():
-            state[f"{experts_prefix}.{name}"] = _slice_experts(tensor, keep, n)
+            state[f"{experts_prefix}.{name}"] = (_slice_experts(tensor, keep, n) if merge is None
+                                                 else merged_expert_tensor(tensor, merge[1], n))
     return state
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -34,27 +34,56 @@ def slice_router_state(adapter: Adapter, router: nn.Module, keep: list[int]) -> 
     return out
 
 
-def pruned_router(adapter: Adapter, router: nn.Module, keep: list[int], top_k: int | None,
-                  n_experts: int) -> nn.Module:
-    """A standalone copy of ``router`` over the kept experts, with its own top-k."""
+def mapped_router_state(adapter: Adapter, router: nn.Module, mapping: torch.Tensor) -> dict[str, torch.Tensor]:
+    """EEP router mapping: every expert-indexed router tensor T becomes ``mapping @ T`` along the expert axis
+    (new router row j = sum_i mapping[j, i] * row i). Applied to the router's rows, so the mapped router
+    is an ordinary router and the merged model an ordinary checkpoint; one-hot rows give plain slicing."""
+    out = {}
+    for name, tensor in router.state_dict().items():
+        dim = adapter.router_expert_dim(name, tensor)
+        moved = tensor.float().movedim(dim, 0)
+        mixed = torch.tensordot(mapping.to(moved.device, torch.float32), moved, dims=([1], [0]))
+        out[name] = mixed.movedim(0, dim).to(tensor.dtype).contiguous()
+    return out
+
+
+def merged_expert_tensor(tensor: torch.Tensor, merging: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """EEP expert merging of one stacked expert tensor: new expert j = sum_i merging[j, i] * expert i.
+    Experts are stacked on axis 0 ([E, ...]), or flat as DBRX stores them ([E * F, H])."""
+    stacked = tensor.view(n_experts, -1, *tensor.shape[1:]) if tensor.shape[0] != n_experts else tensor
+    mixed = torch.tensordot(merging.to(tensor.device, torch.float32), stacked.float(), dims=([1], [0]))
+    mixed = mixed.to(tensor.dtype)
+    return mixed.reshape(-1, *tensor.shape[1:]) if tensor.shape[0] != n_experts else mixed
+
+
+def build_router(router: nn.Module, state: dict[str, torch.Tensor], n_new: int, top_k: int | None,
+                 n_experts: int) -> nn.Module:
+    """A standalone copy of ``router`` holding ``state`` (a pruned or mapped router over ``n_new`` experts),
+    with its own top-k."""
     sub = copy.deepcopy(router)
-    for module in sub.modules():
-        module._forward_hooks.clear()
-        module._forward_pre_hooks.clear()
-        module.__dict__.pop("forward", None)
-        for attr in ("num_experts", "n_routed_experts", "out_features"):
-            if getattr(module, attr, None) == n_experts:
-                setattr(module, attr, len(keep))
-        if top_k is not None and hasattr(module, "top_k"):
-            module.top_k = top_k
-    for name, tensor in slice_router_state(adapter, router, keep).items():
+    for name, tensor in state.items():
         owner_name, _, leaf = name.rpartition(".")
         owner = sub.get_submodule(owner_name)
         if leaf in owner._parameters:
             owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
         else:
             owner._buffers[leaf] = tensor
+    for module in sub.modules():
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+        module.__dict__.pop("forward", None)
+        for attr in ("num_experts", "n_routed_experts", "out_features"):
+            if getattr(module, attr, None) == n_experts:
+                setattr(module, attr, n_new)
+        if top_k is not None and hasattr(module, "top_k"):
+            module.top_k = top_k
     return sub
+
+
+def pruned_router(adapter: Adapter, router: nn.Module, keep: list[int], top_k: int | None,
+                  n_experts: int) -> nn.Module:
+    """A standalone copy of ``router`` over the kept experts, with its own top-k."""
+    return build_router(router, slice_router_state(adapter, router, keep), len(keep), top_k, n_experts)
 
 
 def _expand(values: torch.Tensor, keep_t: torch.Tensor, n_experts: int, fill: float) -> torch.Tensor:
@@ -98,33 +127,57 @@ def masked(mm: MoEModel, plan: Plan | None) -> Iterator[MoEModel]:
             yield mm
             return
         validate_plan(plan, mm.routing_spec())
-        restore: list[tuple[Any, str, Any, bool]] = []
+        undo: list[Callable[[], None]] = []
         try:
             for layer in mm.layers:
-                _mask_layer(mm, layer, plan, restore)
-            _set_instance_attr(mm, "active_plan", plan, restore)
+                _mask_layer(mm, layer, plan, undo)
+            _set_instance_attr(mm, "active_plan", plan, undo)
             yield mm
         finally:
-            for obj, attr, old, had in reversed(restore):
-                if had:
-                    obj.__dict__[attr] = old
-                else:
-                    obj.__dict__.pop(attr, None)
+            for step in reversed(undo):
+                step()
 
 
-def _mask_layer(mm: MoEModel, layer: MoELayer, plan: Plan, restore: list) -> None:
+def _mask_layer(mm: MoEModel, layer: MoELayer, plan: Plan, undo: list) -> None:
     adapter, n = mm.adapter, mm.n_experts
     keep = plan.keep(layer.index, n)
     beta = plan.dynamic_skip.get(layer.index)
-    if keep == list(range(n)) and plan.top_k is None and beta is None:
+    merge = plan.merge.get(layer.index)
+    if keep == list(range(n)) and plan.top_k is None and beta is None and merge is None:
         return
-    sub = pruned_router(adapter, layer.router, keep, plan.top_k, n)
-    _set_instance_attr(layer.router, "forward", _remapping_forward(adapter, sub, keep, n, beta), restore)
+    if merge is None:
+        sub = pruned_router(adapter, layer.router, keep, plan.top_k, n)
+    else:
+        router_map, expert_map = merge
+        sub = build_router(layer.router, mapped_router_state(adapter, layer.router, router_map), len(keep),
+                           plan.top_k, n)
+        _write_merged_experts(layer, keep, expert_map, n, undo)
+    _set_instance_attr(layer.router, "forward", _remapping_forward(adapter, sub, keep, n, beta), undo)
     if adapter.block_top_k_attr and plan.top_k is not None:
-        _set_instance_attr(layer.block, adapter.block_top_k_attr, plan.top_k, restore)
+        _set_instance_attr(layer.block, adapter.block_top_k_attr, plan.top_k, undo)
 
 
-def _set_instance_attr(obj: Any, attr: str, value: Any, restore: list) -> None:
-    had = attr in obj.__dict__
-    restore.append((obj, attr, obj.__dict__.get(attr), had))
+def _write_merged_experts(layer: MoELayer, keep: list[int], merging: torch.Tensor, n: int, undo: list) -> None:
+    """Put merged expert j into the slot of kept expert ``keep[j]``; the originals of those slots are
+    copied aside and written back on undo, bit for bit."""
+    for param in layer.experts.parameters():
+        stacked = param.data.view(n, -1, *param.shape[1:]) if param.shape[0] != n else param.data
+        index = torch.tensor(keep, dtype=torch.long, device=param.device)
+        saved = stacked.index_select(0, index).clone()
+        merged = merged_expert_tensor(param.data, merging, n)
+        merged = merged.view(len(keep), -1, *param.shape[1:]) if param.shape[0] != n else merged
+        stacked.index_copy_(0, index, merged)
+        undo.append(lambda stacked=stacked, index=index, saved=saved: stacked.index_copy_(0, index, saved))
+
+
+def _set_instance_attr(obj: Any, attr: str, value: Any, undo: list) -> None:
+    had, old = attr in obj.__dict__, obj.__dict__.get(attr)
     obj.__dict__[attr] = value
+
+    def restore() -> None:
+        if had:
+            obj.__dict__[attr] = old
+        else:
+            obj.__dict__.pop(attr, None)
+
+    undo.append(restore)

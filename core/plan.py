@@ -11,7 +11,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 from .errors import MoEScopeError
 from .io import atomic_write_text
@@ -41,6 +44,15 @@ class Plan:
         """NAEE dynamic skipping thresholds per layer (``extra["dynamic_skip"]``): at inference a chosen
         expert whose gate weight is below beta times the strongest one's is skipped."""
         return {int(k): float(v) for k, v in self.extra.get("dynamic_skip", {}).items()}
+
+    @property
+    def merge(self) -> dict[int, tuple["torch.Tensor", "torch.Tensor"]]:
+        """EEP merging per layer (``extra["merge"]``): the router-mapping and expert-merging matrices, each
+        [kept, n_experts]; merged expert j takes kept expert j's place."""
+        import torch
+
+        return {int(k): (torch.tensor(v["router"], dtype=torch.float32), torch.tensor(v["experts"], dtype=torch.float32))
+                for k, v in self.extra.get("merge", {}).items()}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -94,8 +106,9 @@ class Plan:
         return cls.from_dict(data)
 
     def digest(self) -> str:
-        """Identity of what the plan does to the model (kept sets and top-k), for result caches."""
-        core = {"top_k": self.top_k, "layers": {str(k): sorted(v) for k, v in sorted(self.layers.items())}}
+        """Identity of what the plan does to the model (kept sets, top-k, merging, skipping), for caches."""
+        core = {"top_k": self.top_k, "layers": {str(k): sorted(v) for k, v in sorted(self.layers.items())},
+                "merge": self.extra.get("merge"), "dynamic_skip": self.extra.get("dynamic_skip")}
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -135,6 +148,14 @@ def validate_plan(plan: Plan, spec: RoutingSpec, for_export: bool = False) -> No
     if for_export and plan.dynamic_skip:
         raise MoEScopeError("dynamic_skip is a rule applied at inference that plain transformers cannot store; "
                             "remove it from the plan to export (keep it for masked evaluation).")
+    for layer, (router_map, expert_map) in plan.merge.items():
+        keep = plan.keep(layer, n)
+        for what, matrix in (("router", router_map), ("experts", expert_map)):
+            if tuple(matrix.shape) != (len(keep), n):
+                raise MoEScopeError(f"merge matrix {what!r} of layer {layer} is {tuple(matrix.shape)}; it must be "
+                                    f"[{len(keep)} kept, {n} experts].")
+            if not bool(matrix.isfinite().all()):
+                raise MoEScopeError(f"merge matrix {what!r} of layer {layer} holds non-finite values.")
     for layer, keep in plan.layers.items():
         if layer not in spec.moe_layers:
             raise MoEScopeError(f"Layer {layer} is not a MoE layer of this model; MoE layers are "
