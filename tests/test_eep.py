@@ -95,3 +95,43 @@ def test_bad_state_file(tmp_path):
     path.write_text("nonsense")
     with pytest.raises(MoEScopeError, match="not a saved EEP search state"):
         SearchState.load(path)
+
+
+def test_merge_search_improves_on_its_start_and_never_loses_it():
+    from core.methods.eep import evolve_merge
+
+    start = (((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),) * 1
+    start = ((start[0], start[0]),)
+    target = [[0.8, 0.3, -0.2], [0.1, 0.9, 0.2]]
+
+    def closeness(genome) -> float:
+        (router, experts), = genome
+        return -sum((a - b) ** 2 for row, goal in zip(router, target) for a, b in zip(row, goal))
+
+    state = evolve_merge(closeness, start, population=8, offspring=8, generations=30, sigma=0.05)
+    assert all(b >= a for a, b in zip(state.curve, state.curve[1:]))
+    assert state.best[1] > closeness(start) + 0.1  # real progress towards the target, not just noise
+
+
+def test_eep_with_merging_exports_what_it_evaluated(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from core.export import export_pruned
+    from core.masking import masked
+
+    mm = MoEModel(build_layout("qwen2_moe-dense-mixed"), tokenizer=char_tokenizer())
+    task = lm_task(tmp_path)
+    plan = make_method("eep", population=4, offspring=4, generations=2, merge_generations=3, seed=1).plan(
+        mm, task, Target(keep=4))
+    validate_plan(plan, mm.routing_spec(), for_export=True)
+    curve = plan.extra["fitness"]["curve"]
+    assert all(b <= a for a, b in zip(curve, curve[1:]))  # NLL never worse across both phases
+    assert plan.extra["merge_generations_done"] == 3
+    assert "merge" in plan.extra  # on this tiny model merging found a better calibration NLL than pruning
+    x = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with masked(mm, plan), torch.no_grad():
+        in_memory = mm.model(input_ids=x).logits.clone()
+    reloaded = AutoModelForCausalLM.from_pretrained(export_pruned(mm, plan, tmp_path / "eep")).eval()
+    with torch.no_grad():
+        assert (reloaded(input_ids=x).logits - in_memory).abs().max().item() <= 1e-4
