@@ -154,6 +154,24 @@ def cmd_prune(args: argparse.Namespace) -> None:
           f"{plan.extra.get('wall_time_s', 0):.1f} s")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .sweep import run_sweep, save_table
+
+    def split(text: str) -> list[str]:
+        return [t for t in text.split(",") if t]
+
+    ratios = [float(r) for r in split(args.ratios)]
+    refuse_existing(Path(args.out), args.overwrite)
+    mm = _load(args)
+    table = run_sweep(mm, split(args.methods), ratios, split(args.tasks),
+                      calibration_tasks=split(args.calibration_tasks) or None, top_k=args.top_k,
+                      seeds=[int(s) for s in split(args.seeds)], limit=args.limit or None,
+                      calibration_limit=args.calibration_limit or None,
+                      progress=lambda what, done, total: print(f"[{done}/{total}] {what}", flush=True))
+    save_table(table, args.out)
+    print(f"wrote {args.out} ({len(table)} rows)")
+
+
 def cmd_merge_profiles(args: argparse.Namespace) -> None:
     from .profile import merge_profiles
 
@@ -221,6 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="plan JSON to write")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("sweep", help="methods x ratios x tasks -> a CSV/Parquet table of metrics, size, speed")
+    _model_args(p)
+    p.add_argument("--methods", default="random,frequency,soft_activation,eep", help="comma-separated")
+    p.add_argument("--ratios", default="0.25,0.5,0.75", help="fractions of experts removed, comma-separated")
+    p.add_argument("--tasks", required=True, help="evaluation tasks, comma-separated")
+    p.add_argument("--calibration-tasks", default="",
+                   help="calibrate on these (each plan evaluated on every task); default: each task on itself")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seeds", default="0", help="seeds for random and EEP, comma-separated")
+    p.add_argument("--limit", type=int, default=0, help="at most this many test examples per task")
+    p.add_argument("--calibration-limit", type=int, default=0)
+    p.add_argument("--out", required=True, help="table to write (.csv or .parquet)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("merge-profiles", help="combine profiles of disjoint shards into one")
     p.add_argument("profiles", nargs="+")

@@ -123,3 +123,27 @@ def test_prune_command_writes_a_plan(model_dir, tmp_path, capsys):
     assert main(["prune", str(model_dir), "--method", "frequency", "--task", str(folder), "--out",
                  str(tmp_path / "x.json"), "--param", "nonsense=1"]) == 2
     assert "Bad --param for frequency" in capsys.readouterr().err
+
+
+def test_sweep_command_writes_a_table(model_dir, tmp_path, capsys):
+    import pandas as pd
+
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    rows = "".join(json.dumps({"text": t}) + "\n" for t in ["hello world", "abc def", "the cat sat"])
+    (folder / "calibration.jsonl").write_text(rows)
+    (folder / "test.jsonl").write_text(rows)
+    (folder / "task.json").write_text(json.dumps({"name": "lm", "metric": "lm_loss", "text_field": "text",
+                                                  "data_files": {"calibration": "calibration.jsonl",
+                                                                 "test": "test.jsonl"}}))
+    out = tmp_path / "sweep.csv"
+    assert main(["sweep", str(model_dir), "--methods", "random,frequency", "--ratios", "0.25,0.5", "--tasks",
+                 str(folder), "--seeds", "0,1", "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert len(table) == 1 + 2 * 2 + 2  # full, random x 2 ratios x 2 seeds, frequency x 2 ratios
+    assert set(table.method) == {"full", "random", "frequency"}
+    assert sorted(table[table.method == "frequency"].keep) == [4, 6]
+    full = table[table.method == "full"].iloc[0]
+    assert full.total_params > table[table.ratio == 0.5].total_params.max()
+    assert table[table.method != "full"].agreement_top1_agreement.between(0, 1).all()
+    assert {"metric_nll", "tokens_per_s", "active_params", "weight_bytes", "search_seconds"} <= set(table.columns)
