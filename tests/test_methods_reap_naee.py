@@ -1,0 +1,325 @@
+"""REAP, NAEE and NAEE dynamic skipping: known answers, agreement with independent computations, valid plans."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.errors import MoEScopeError
+from core.masking import masked
+from core.methods import Calibration, Target
+from core.methods.naee import NAEE, DynamicSkipping, collect_block_inputs, sample_tokens
+from core.methods.reap import REAP, encode_calibration
+from core.model import MoEModel
+from core.plan import Plan, validate_plan
+from core.profile import Profile, list_matrix
+from core.profiling import profile_texts
+
+from .test_methods import DEAD, TEXTS, lm_task, with_dead_experts
+from .tiny_models import build, build_layout, char_tokenizer
+
+ZERO = [1, 4]  # experts whose output weights are zeroed
+
+
+def tiny(model_type: str = "mixtral", **overrides) -> MoEModel:
+    return MoEModel(build(model_type, **overrides), tokenizer=char_tokenizer(), source=f"tiny-{model_type}")
+
+
+def layout(name: str) -> MoEModel:
+    return MoEModel(build_layout(name), tokenizer=char_tokenizer(), source=f"tiny-{name}")
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory) -> Calibration:
+    return lm_task(tmp_path_factory.mktemp("calibration"))
+
+
+@pytest.fixture(scope="module")
+def mixtral() -> MoEModel:
+    return tiny()
+
+
+@pytest.fixture(scope="module")
+def mixtral_naee(mixtral, calibration) -> Plan:
+    """The exhaustive NAEE plan keeping 4 of 8 experts, shared by the tests that compare against it."""
+    return NAEE().plan(mixtral, calibration, Target(keep=4))
+
+
+@torch.no_grad()
+def block_inputs(mm: MoEModel) -> dict[int, torch.Tensor]:
+    """Every MoE block's inputs [tokens, H] over the calibration texts, run one text at a time (no padding)."""
+    seen: dict[int, list[torch.Tensor]] = {layer.index: [] for layer in mm.layers}
+    handles = [layer.block.register_forward_pre_hook(
+        lambda m, args, index=layer.index: seen[index].append(args[0].reshape(-1, args[0].shape[-1])))
+        for layer in mm.layers]
+    for text in TEXTS:
+        mm.model(input_ids=mm.tokenizer(text, return_tensors="pt")["input_ids"])
+    for handle in handles:
+        handle.remove()
+    return {k: torch.cat(v) for k, v in seen.items()}
+
+
+@torch.no_grad()
+def mixtral_expert(mm: MoEModel, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """Mixtral expert j written out from its weights: down(silu(gate(x)) * up(x))."""
+    experts = mm.layer(layer).experts
+    gate, up = (x @ experts.gate_up_proj[expert].T).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ experts.down_proj[expert].T
+
+
+@torch.no_grad()
+def mixtral_block(mm: MoEModel, layer: int, x: torch.Tensor, subset: list[int]) -> torch.Tensor:
+    """Mixtral's MoE output with only ``subset`` routable: top-2 of the subset's logits, softmax renormalised."""
+    logits = (x @ mm.layer(layer).router.weight.T)[:, subset]
+    top, pos = logits.topk(2, dim=-1)
+    weights = top.softmax(dim=-1)
+    out = torch.zeros_like(x)
+    for slot in range(2):
+        for p, expert in enumerate(subset):
+            rows = pos[:, slot] == p
+            out[rows] += weights[rows, slot, None] * mixtral_expert(mm, layer, expert, x[rows])
+    return out
+
+
+def with_zero_experts() -> MoEModel:
+    mm = tiny()
+    for layer in mm.layers:
+        layer.experts.down_proj.data[ZERO] = 0.0
+    return mm
+
+
+# ----- known answers -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", [REAP(), NAEE(), NAEE(max_subsets=1)], ids=["reap", "naee", "naee-greedy"])
+def test_never_routed_experts_are_exactly_the_ones_pruned(method, calibration):
+    mm = with_dead_experts()
+    plan = method.plan(mm, calibration, Target(keep=5))
+    assert plan.layers == {layer: [0, 1, 2, 3, 4] for layer in mm.layer_indices}
+    scores = plan.extra["scores"]
+    for layer in mm.layer_indices:
+        live = min(scores[str(layer)][e] for e in range(5))
+        assert max(scores[str(layer)][e] for e in DEAD) < live
+    if isinstance(method, REAP):
+        assert all(plan.extra["scores"][str(layer)][e] == 0 for layer in mm.layer_indices for e in DEAD)
+        assert all(plan.extra["routed_tokens"][str(layer)][e] == 0 for layer in mm.layer_indices for e in DEAD)
+    else:  # dropping experts no token reaches leaves the block output bit-identical
+        assert plan.extra["reconstruction_error"] == {str(layer): 0.0 for layer in mm.layer_indices}
+
+
+@torch.no_grad()
+def test_reap_saliency_equals_an_independent_computation(calibration):
+    mm = tiny()
+    plan = REAP(batch_size=3).plan(mm, calibration, Target(keep=4))
+    for layer, x in block_inputs(mm).items():
+        probs = (x @ mm.layer(layer).router.weight.T).softmax(dim=-1)
+        top, ids = probs.topk(2, dim=-1)
+        gates = top / top.sum(dim=-1, keepdim=True)
+        expected = np.zeros(mm.n_experts)
+        for expert in range(mm.n_experts):
+            rows, slot = (ids == expert).nonzero(as_tuple=True)
+            if len(rows):
+                norms = mixtral_expert(mm, layer, expert, x[rows]).norm(dim=-1)
+                expected[expert] = float((gates[rows, slot] * norms).mean())
+        np.testing.assert_allclose(plan.extra["scores"][str(layer)], expected, rtol=1e-4, atol=1e-7)
+        assert sum(plan.extra["routed_tokens"][str(layer)]) == 2 * len(x)  # real tokens only, top-2 each
+        assert plan.layers[layer] == sorted(np.argsort(-expected, kind="stable")[:4].tolist())
+
+
+def test_reap_ignores_padding_and_batching(calibration):
+    mm = tiny("qwen2_moe")
+    one = REAP(batch_size=1).plan(mm, calibration, Target(keep=4)).extra
+    five = REAP(batch_size=5).plan(mm, calibration, Target(keep=4)).extra
+    assert one["routed_tokens"] == five["routed_tokens"]
+    for layer in mm.layer_indices:
+        np.testing.assert_allclose(one["scores"][str(layer)], five["scores"][str(layer)], rtol=1e-5)
+
+
+def test_zero_output_experts_are_pruned_by_reap_but_not_free_for_naee(calibration):
+    mm = with_zero_experts()
+    plan = REAP().plan(mm, calibration, Target(keep=6))
+    assert all(keep == [0, 2, 3, 5, 6, 7] for keep in plan.layers.values())
+    assert all(plan.extra["routed_tokens"][str(layer)][e] > 0 for layer in mm.layer_indices for e in ZERO)
+    assert all(plan.extra["scores"][str(layer)][e] == 0 for layer in mm.layer_indices for e in ZERO)
+    # Tokens routed to a zero-output expert are re-routed to a live one once it is gone, and the renormalised
+    # weights shift, so for NAEE its removal is not free: the subset without it has a positive error.
+    naee = NAEE().plan(mm, calibration, Target(keep=6))
+    for layer, x in block_inputs(mm).items():
+        full = mixtral_block(mm, layer, x, list(range(8)))
+        without = float(torch.linalg.norm(full - mixtral_block(mm, layer, x, [0, 2, 3, 5, 6, 7])))
+        assert without > 1e-4
+        assert naee.extra["reconstruction_error"][str(layer)] <= without * (1 + 1e-5)
+
+
+def test_exhaustive_naee_equals_brute_force_over_all_subsets(mixtral, mixtral_naee):
+    mm, plan = mixtral, mixtral_naee
+    assert plan.extra["search"] == {"0": "exhaustive", "1": "exhaustive"}
+    assert plan.extra["evaluations"] == {"0": 70, "1": 70}
+    for layer, x in block_inputs(mm).items():
+        full = mixtral_block(mm, layer, x, list(range(8)))
+        errors = {subset: float(torch.linalg.norm(full - mixtral_block(mm, layer, x, list(subset))))
+                  for subset in itertools.combinations(range(8), 4)}
+        best = min(errors, key=errors.get)
+        assert plan.layers[layer] == list(best)
+        assert plan.extra["reconstruction_error"][str(layer)] == pytest.approx(errors[best], rel=1e-4)
+        assert plan.extra["relative_error"][str(layer)] == pytest.approx(
+            errors[best] / float(torch.linalg.norm(full)), rel=1e-4)
+        lowest = [min(e for s, e in errors.items() if j in s) for j in range(8)]
+        np.testing.assert_allclose(plan.extra["scores"][str(layer)], [-v for v in lowest], rtol=1e-4)
+
+
+# ----- the scalable search ---------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_greedy_search_meets_the_target_close_to_exhaustive(model_type, calibration, request):
+    mm = request.getfixturevalue("mixtral") if model_type == "mixtral" else tiny(model_type)
+    exact = request.getfixturevalue("mixtral_naee") if model_type == "mixtral" else \
+        NAEE().plan(mm, calibration, Target(keep=4))
+    greedy = NAEE(max_subsets=69).plan(mm, calibration, Target(keep=4))
+    validate_plan(greedy, mm.routing_spec(), for_export=True)
+    assert all(len(keep) == 4 for keep in greedy.layers.values())
+    assert set(greedy.extra["search"].values()) == {"greedy"}
+    assert all(n <= 1 + 8 + 7 + 6 + 5 for n in greedy.extra["evaluations"].values())
+    for layer in mm.layer_indices:
+        best, found = exact.extra["reconstruction_error"][str(layer)], greedy.extra["reconstruction_error"][str(layer)]
+        assert best * (1 - 1e-6) <= found <= 1.2 * best
+        scores = greedy.extra["scores"][str(layer)]  # rounds survived: 4 for kept experts, 0..3 for the rest
+        assert sorted(scores) == [0, 1, 2, 3, 4, 4, 4, 4]
+        assert [e for e in range(8) if scores[e] == 4] == greedy.layers[layer]
+
+
+def test_greedy_search_scales_to_many_experts(calibration):
+    mm = tiny(num_local_experts=64, num_hidden_layers=1)
+    assert math.comb(64, 60) > 5000
+    plan = NAEE().plan(mm, calibration, Target(keep=60))
+    validate_plan(plan, mm.routing_spec(), for_export=True)
+    assert len(plan.layers[0]) == 60 and plan.extra["search"] == {"0": "greedy"}
+    assert plan.extra["evaluations"]["0"] <= 1 + 64 + 63 + 62 + 61
+
+
+def test_greedy_search_keeps_grouped_routing_balanced(calibration):
+    mm = layout("deepseek_v3-grouped-dense-first")
+    plan = NAEE(max_subsets=1).plan(mm, calibration, Target(keep=4))
+    validate_plan(plan, mm.routing_spec(), for_export=True)
+    for keep in plan.layers.values():
+        assert sum(e < 4 for e in keep) == 2 and sum(e >= 4 for e in keep) == 2
+
+
+# ----- progressive mode and bounded caches -------------------------------------------------------------
+def test_progressive_naee_recollects_later_layers_inputs(mixtral, mixtral_naee, calibration):
+    mm, plain = mixtral, mixtral_naee
+    progressive = NAEE(progressive=True).plan(mm, calibration, Target(keep=4))
+    validate_plan(progressive, mm.routing_spec(), for_export=True)
+    assert progressive.extra["parameters"]["progressive"] is True
+    errors = plain.extra["reconstruction_error"], progressive.extra["reconstruction_error"]
+    assert errors[0]["0"] == errors[1]["0"] and progressive.layers[0] == plain.layers[0]  # layer 0 sees the same inputs
+    assert errors[0]["1"] != errors[1]["1"]  # layer 1 sees layer 0 pruned
+
+
+def test_cached_inputs_are_a_bounded_deterministic_sample_of_real_tokens(mixtral, calibration):
+    mm = mixtral
+    seqs = encode_calibration(mm, calibration, 512)
+    total = sum(map(len, seqs))
+    chosen = sample_tokens(total, 16, seed=0)
+    assert len(chosen) == 16 and np.array_equal(chosen, sample_tokens(total, 16, seed=0))
+    layer = mm.layers[1]
+    small, _ = collect_block_inputs(mm, layer, seqs, chosen, batch_size=2, plan=None)
+    large, _ = collect_block_inputs(mm, layer, seqs, chosen, batch_size=5, plan=None)
+    assert small.shape == (16, 32)
+    torch.testing.assert_close(small, large, rtol=1e-4, atol=1e-5)  # padding never enters the sample
+    unpadded = torch.cat([block_inputs_of(mm, layer.index, seq) for seq in seqs])  # one sequence at a time
+    torch.testing.assert_close(small, unpadded[torch.as_tensor(chosen)], rtol=1e-4, atol=1e-5)
+    plan = NAEE(max_tokens=16).plan(mm, calibration, Target(keep=4))
+    validate_plan(plan, mm.routing_spec(), for_export=True)
+    assert plan.extra["parameters"]["max_tokens"] == 16
+
+
+def block_inputs_of(mm: MoEModel, index: int, seq: list[int]) -> torch.Tensor:
+    """One MoE block's inputs [L, H] for one unpadded sequence."""
+    seen = []
+    handle = mm.layer(index).block.register_forward_pre_hook(lambda m, args: seen.append(args[0][0]))
+    with torch.no_grad():
+        mm.model(input_ids=torch.tensor([seq]))
+    handle.remove()
+    return seen[0]
+
+
+# ----- dynamic skipping ------------------------------------------------------------------------------
+def recorded_medians(mm: MoEModel, texts: list[str], tmp_path, plan: Plan | None = None) -> dict[str, float]:
+    """Median of g_k / g_1 per layer, from a routing profile recorded by the profiler."""
+    path = profile_texts(mm, {"lm": texts}, tmp_path / "routing.parquet", progress=False, plan=plan)
+    table = Profile(path).table(columns=["layer", "weights"])
+    layers = table["layer"].to_numpy()
+    k = plan.top_k if plan is not None and plan.top_k else mm.top_k
+    weights = list_matrix(table["weights"], k).astype(np.float64)
+    ratios = weights[:, -1] / weights[:, 0]
+    return {str(layer): float(np.median(ratios[layers == layer])) for layer in mm.layer_indices}
+
+
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_dynamic_skip_beta_is_the_median_gate_ratio(top_k, calibration, tmp_path):
+    mm = tiny(num_experts_per_tok=top_k)
+    plan = DynamicSkipping().plan(mm, calibration, Target(keep=8))
+    assert plan.layers == {} and plan.extra["method"] == "dynamic_skip"
+    expected = recorded_medians(mm, calibration.texts(), tmp_path)
+    assert plan.extra["dynamic_skip"] == pytest.approx(expected, rel=1e-6)
+    assert all(0 < beta < 1 for beta in plan.extra["dynamic_skip"].values())
+    validate_plan(plan, mm.routing_spec())
+    with pytest.raises(MoEScopeError, match="dynamic_skip"):
+        validate_plan(plan, mm.routing_spec(), for_export=True)
+
+
+def test_dynamic_skip_with_pruning_measures_betas_on_the_naee_pruned_model(mixtral, mixtral_naee, calibration,
+                                                                          tmp_path):
+    mm, naee = mixtral, mixtral_naee
+    plan = DynamicSkipping().plan(mm, calibration, Target(keep=4))
+    assert plan.layers == naee.layers
+    assert plan.extra["reconstruction_error"] == naee.extra["reconstruction_error"]
+    expected = recorded_medians(mm, calibration.texts(), tmp_path, plan=Plan(layers=naee.layers))
+    assert plan.extra["dynamic_skip"] == pytest.approx(expected, rel=1e-6)
+    with masked(mm, plan):  # the plan applies
+        mm.model(input_ids=torch.tensor([[5, 6, 7]]))
+
+
+def test_dynamic_skip_refuses_what_cannot_skip(calibration):
+    with pytest.raises(MoEScopeError, match="cannot skip experts dynamically"):
+        DynamicSkipping().plan(tiny("dbrx"), calibration, Target(keep=8))
+    with pytest.raises(MoEScopeError, match="top-k of at least 2"):
+        DynamicSkipping().plan(tiny(), calibration, Target(keep=8, top_k=1))
+
+
+def test_reap_refuses_llama4(calibration):
+    with pytest.raises(MoEScopeError, match="REAP does not support Llama4"):
+        REAP().plan(tiny("llama4_text"), calibration, Target(keep=4))
+
+
+# ----- valid plans across families -------------------------------------------------------------------
+FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3-grouped-dense-first", "dbrx", "gpt_oss"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", [REAP, NAEE])
+def test_plans_are_valid_and_round_trip_on_several_families(method, family, calibration):
+    mm = layout(family) if "-" in family else tiny(family)
+    target = Target(ratio=0.5, top_k=1)
+    plan = method().plan(mm, calibration, target)
+    validate_plan(plan, mm.routing_spec(), for_export=True)
+    assert plan.top_k == 1 and sorted(plan.layers) == mm.layer_indices
+    assert all(len(keep) == target.experts_kept(mm) for keep in plan.layers.values())
+    assert plan.extra["method"] == method.name and plan.extra["calibration"]["digest"]
+    assert sorted(plan.extra["scores"]) == [str(layer) for layer in mm.layer_indices]
+    again = Plan.from_dict(json.loads(plan.to_json()))
+    assert again.layers == plan.layers and again.extra == plan.extra and again.top_k == 1
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3-grouped-dense-first", "gpt_oss"])
+def test_dynamic_skip_plans_are_valid_and_round_trip(family, calibration):
+    mm = layout(family) if "-" in family else tiny(family)
+    plan = DynamicSkipping().plan(mm, calibration, Target(ratio=0.0))
+    validate_plan(plan, mm.routing_spec())
+    assert sorted(plan.dynamic_skip) == mm.layer_indices
+    again = Plan.from_dict(json.loads(plan.to_json()))
+    assert again.dynamic_skip == plan.dynamic_skip and again.extra == plan.extra
