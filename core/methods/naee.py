@@ -47,7 +47,8 @@ class LayerSearch:
 @dataclass
 class NAEE:
     """Keep, per MoE layer, the ``keep``-subset of experts whose masked block output is closest (Frobenius
-    norm over sampled calibration tokens) to the unpruned block's.
+    norm over sampled calibration tokens) to the unpruned block's. At most ``max_tokens`` real tokens are
+    cached per layer: a ``seed``-ed sample, the same tokens in every layer, one layer at a time.
 
     The search is exhaustive while the number of group-balanced subsets is at most ``max_subsets``;
     beyond that it is greedy backward elimination: each round removes one expert per routing group, the one
