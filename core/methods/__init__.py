@@ -7,6 +7,8 @@ from typing import Any
 from ..errors import MoEScopeError
 from .base import Calibration, PruningMethod, Target
 from .eep import EEP
+from .naee import NAEE, DynamicSkipping
+from .reap import REAP
 from .usage import Frequency, Random, SoftActivation, TopKReduction
 
 METHODS: dict[str, type] = {
@@ -14,6 +16,9 @@ METHODS: dict[str, type] = {
     "frequency": Frequency,
     "soft_activation": SoftActivation,
     "top_k": TopKReduction,
+    "reap": REAP,
+    "naee": NAEE,
+    "dynamic_skip": DynamicSkipping,
     "eep": EEP,
 }
 
