@@ -232,7 +232,7 @@ def _greedy(evaluate: Callable[[list[int]], float], members: list[list[int]], pe
 
 
 @dataclass
-class DynamicSkipping:
+class DynamicSkipping(NAEE):
     """NAEE dynamic skipping: per layer, skip a token's chosen expert when its gate weight is below beta
     times the strongest one's, beta = the median over calibration tokens of g_k / g_1 (g sorted descending,
     k the top-k routed with: g_2/g_1 for top-2; for top-k > 2 the weakest chosen over the strongest, so about
@@ -245,12 +245,6 @@ class DynamicSkipping:
     """
 
     name: str = "dynamic_skip"
-    max_tokens: int = 2048
-    max_subsets: int = 5000
-    progressive: bool = False
-    seed: int = 0
-    batch_size: int = 8
-    max_length: int = 512
 
     def plan(self, mm: MoEModel, calibration: Calibration, target: Target,
              progress: ProgressFn | None = None) -> Plan:
@@ -267,7 +261,7 @@ class DynamicSkipping:
         layers: dict[int, list[int]] = {}
         passes = 0
         if target.experts_kept(mm) < mm.n_experts:
-            naee = NAEE(**{k: v for k, v in asdict(self).items() if k != "name"})
+            naee = NAEE(**{k: v for k, v in asdict(self).items() if k != "name"})  # same parameters
             pruned = naee.plan(mm, calibration, target, progress)
             layers, passes = pruned.layers, pruned.extra["forward_passes"]
             extra = {k: pruned.extra[k] for k in
