@@ -22,13 +22,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="run Python code shipped with the checkpoint (off by default)")
     p.add_argument("--experts-implementation", choices=["grouped_mm", "eager", "batched_mm"],
                    help="how experts are computed (default grouped_mm; never batched_mm on CPU)")
+    p.add_argument("--offload-folder", help="with --device auto: offload what fits nowhere else to this folder")
 
 
 def _load(args: argparse.Namespace):
     from .model import load_model
 
     return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                      experts_implementation=args.experts_implementation)
+                      experts_implementation=args.experts_implementation, offload_folder=args.offload_folder)
 
 
 def cmd_info(args: argparse.Namespace) -> None:

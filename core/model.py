@@ -142,10 +142,11 @@ class MoEModel:
 
 
 def load_model(source: str | Path, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False,
-               experts_implementation: str | None = None) -> MoEModel:
+               experts_implementation: str | None = None, offload_folder: str | None = None) -> MoEModel:
     """Load a local directory or hub id as a :class:`MoEModel`.
 
-    ``device="auto"`` spreads the model with accelerate's ``device_map``. ``trust_remote_code`` stays off
+    ``device="auto"`` spreads the model with accelerate's ``device_map`` over the GPUs, then CPU memory,
+    then ``offload_folder`` on disk when given. ``trust_remote_code`` stays off
     unless the caller asks: remote code runs arbitrary Python from the checkpoint.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -176,6 +177,8 @@ def load_model(source: str | Path, dtype: str = "auto", device: str = "cpu", tru
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if device == "auto":
         kwargs["device_map"] = "auto"
+        if offload_folder:
+            kwargs["offload_folder"] = offload_folder
     elif device == "cuda":  # one GPU per process under torchrun / accelerate launch
         kwargs["device_map"] = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     if experts_implementation:
