@@ -95,16 +95,21 @@ class Evaluator:
         examples = self._prepare(spec, split, limit)
         say = progress or (lambda *_: None)
         start = time.perf_counter()
+        compare = agreement and plan is not None
         with self.mm.lock, torch.inference_mode():  # one evaluation at a time per model
+            reference = self._reference((spec.name, split, limit), examples, say) if compare else None
+            tally = _Agreement()
             with masked(self.mm, plan):
                 if spec.metric in ("squad", "exact_match"):
                     predictions, tokens = self._generate(spec, examples, say)
                     scores = self._score_generation(spec, predictions, examples)
-                else:
+                else:  # the scoring forward also yields the agreement when the reference is cached
                     predictions = []
-                    scores, tokens = self._score_likelihood(spec, examples, say)
+                    scores, tokens = self._score_likelihood(spec, examples, say, reference if compare else None, tally)
+            if compare and not tally.tokens:
+                self._agreement(examples, plan, reference, tally, say)
             seconds = time.perf_counter() - start
-            agree = self._agreement((spec.name, split, limit), examples, plan, say) if agreement and plan else {}
+            agree = tally.result() if compare else {}
         cost = plan_cost(self.mm, plan)
         cost["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
         result = EvalResult(task=spec.name, split=split, metric_kind=spec.metric, n_examples=len(examples),
@@ -223,7 +228,9 @@ class Evaluator:
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         return F.log_softmax(logits.float(), dim=-1).cpu()
 
-    def _score_likelihood(self, spec: TaskSpec, examples: list[_Example], say: ProgressFn) -> tuple[dict[str, float], int]:
+    def _score_likelihood(self, spec: TaskSpec, examples: list[_Example], say: ProgressFn,
+                          reference: list[torch.Tensor] | None = None,
+                          tally: _Agreement | None = None) -> tuple[dict[str, float], int]:
         pairs = [(e, k) for e in range(len(examples)) for k in range(len(examples[e].scored))]
         seqs = [examples[e].prompt_ids + examples[e].scored[k] for e, k in pairs]
         logp_sum = [0.0] * len(seqs)
@@ -237,6 +244,8 @@ class Evaluator:
                 target = torch.tensor(examples[e].scored[k])
                 positions = torch.arange(start - 1, start - 1 + len(target))
                 logp_sum[i] = float(logp[row, positions, target].sum())
+                if reference is not None and tally is not None and k == max(examples[e].label, 0):
+                    tally.add(reference[e], logp[row, :len(seqs[i]) - 1])  # the agreement text
         tokens = sum(len(s) for s in seqs)
         if spec.metric == "lm_loss":
             n = sum(len(e.scored[0]) for e in examples)
@@ -252,40 +261,60 @@ class Evaluator:
                 "accuracy_norm": 100 * metrics.accuracy(chosen_norm, labels)}, tokens
 
     # ----- agreement with the unpruned model --------------------------------------------------
-    def _agreement(self, key: tuple, examples: list[_Example], plan: Plan, say: ProgressFn) -> dict[str, float]:
-        """Top-1 next-token agreement and mean KL(full || pruned) per token on the reference texts.
-
-        The unpruned model's log-probs are cached (fp16) per task when they fit in a fixed budget, so
-        comparing many plans on one task runs the full model once; otherwise both run batch by batch.
-        """
+    def _reference(self, key: tuple, examples: list[_Example], say: ProgressFn) -> list[torch.Tensor] | None:
+        """The unpruned model's log-probs (fp16) on each example's agreement text, computed once per task and
+        cached, or None when they would not fit the cache budget (then both models run batch by batch)."""
+        if key in self._full_logprobs:
+            return self._full_logprobs[key]
         seqs = [e.agreement_ids for e in examples]
         vocab = self.mm.model.config.get_text_config().vocab_size
-        cacheable = sum(len(s) for s in seqs) * vocab * 2 <= _FULL_CACHE_BYTES
-        cached = self._full_logprobs.get(key)
-        fresh: dict[int, torch.Tensor] = {}
-        agree = kl = 0.0
-        n = 0
+        if sum(len(s) for s in seqs) * vocab * 2 > _FULL_CACHE_BYTES:
+            return None
+        out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+        batches = self._batches(seqs)
+        with masked(self.mm, None):
+            for done, idx in enumerate(batches, 1):
+                logp = self._logprobs(seqs, idx)
+                for row, i in enumerate(idx):
+                    out[i] = logp[row, :len(seqs[i]) - 1].half()
+                say("unpruned reference", done, len(batches))
+        self._full_logprobs[key] = out
+        return out
+
+    def _agreement(self, examples: list[_Example], plan: Plan, reference: list[torch.Tensor] | None,
+                   tally: _Agreement, say: ProgressFn) -> None:
+        """Teacher-forced pruned pass over the agreement texts (generative tasks, or no cached reference)."""
+        seqs = [e.agreement_ids for e in examples]
         batches = self._batches(seqs)
         for done, idx in enumerate(batches, 1):
-            if cached is None:
+            if reference is None:
                 with masked(self.mm, None):
                     full = self._logprobs(seqs, idx)
             with masked(self.mm, plan):
                 pruned = self._logprobs(seqs, idx)
             for row, i in enumerate(idx):
                 length = len(seqs[i]) - 1
-                # fp16 whether fresh or cached, so a result never depends on what was evaluated before
-                p = (cached[i] if cached is not None else full[row, :length].half()).float()
-                q = pruned[row, :length].half().float()  # both sides in the precision of the cache
-                if cached is None and cacheable:
-                    fresh[i] = p.half()
-                agree += float((p.argmax(-1) == q.argmax(-1)).sum())
-                kl += float((p.exp() * (p - q)).sum())
-                n += length
+                tally.add(reference[i] if reference is not None else full[row, :length], pruned[row, :length])
             say("comparing", done, len(batches))
-        if fresh:
-            self._full_logprobs[key] = [fresh[i] for i in range(len(seqs))]
-        return {"top1_agreement": agree / n, "mean_kl": kl / n}
+
+
+@dataclass
+class _Agreement:
+    """Running top-1 agreement and KL(full || pruned) over tokens; both sides rounded to fp16 (the cache's
+    precision), so a result never depends on whether the reference came from the cache."""
+
+    agree: float = 0.0
+    kl: float = 0.0
+    tokens: int = 0
+
+    def add(self, full: torch.Tensor, pruned: torch.Tensor) -> None:
+        p, q = full.half().float(), pruned.half().float()
+        self.agree += float((p.argmax(-1) == q.argmax(-1)).sum())
+        self.kl += float((p.exp() * (p - q)).sum())
+        self.tokens += len(p)
+
+    def result(self) -> dict[str, float]:
+        return {"top1_agreement": self.agree / self.tokens, "mean_kl": self.kl / self.tokens}
 
 
 def evaluate(mm: MoEModel, task: TaskSpec | str, plan: Plan | None = None, split: str = "test",

@@ -128,3 +128,20 @@ def test_plan_cost_by_hand(mm):
     assert cost["active_params"] == pytest.approx(info.total_params - info.expert_params + 2 * per_expert)
     assert cost["weight_bytes"] == pytest.approx(cost["total_params"] * 4)
     assert plan_cost(mm, None)["active_params"] == info.active_params
+
+
+@pytest.mark.parametrize("kind", ["lm", "mc"])
+def test_agreement_is_the_same_with_or_without_the_cached_reference(mm, tmp_path, monkeypatch, kind):
+    import core.evaluation as evaluation
+
+    if kind == "lm":
+        spec = write_task(tmp_path, "lm", [{"text": t} for t in PROMPTS], metric="lm_loss", text_field="text")
+    else:
+        rows = [{"q": p, "options": ["cat", "dog!", "x"], "label": i % 3} for i, p in enumerate(PROMPTS)]
+        spec = write_task(tmp_path, "mc", rows, metric="multiple_choice", prompt_template="{q}",
+                          options_field="options", answer_field="label")
+    cached = Evaluator(mm, batch_size=4).evaluate(spec, plan=PLAN)  # agreement from the scoring forward
+    monkeypatch.setattr(evaluation, "_FULL_CACHE_BYTES", 0)  # too big to cache: separate passes, batch by batch
+    separate = Evaluator(mm, batch_size=3).evaluate(spec, plan=PLAN)
+    assert separate.agreement == pytest.approx(cached.agreement, rel=1e-6)
+    assert separate.metrics == pytest.approx(cached.metrics, rel=1e-6)
