@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from core.errors import MoEScopeError
 from core.methods import Calibration, Target, make_method

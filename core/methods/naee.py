@@ -84,7 +84,7 @@ class NAEE:
             inputs, n = collect_block_inputs(mm, layer, seqs, chosen, self.batch_size, done)
             passes += n
 
-            def report(what: str, frac: float, i: int = i) -> None:
+            def report(what: str, frac: float, i: int = i, layer: MoELayer = layer) -> None:
                 say(f"NAEE layer {layer.index}: {what}", (i + frac) / len(mm.layers))
 
             results[layer.index] = search_layer(mm, layer, inputs, keep, target.top_k, self.max_subsets, report)
