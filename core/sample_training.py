@@ -66,16 +66,16 @@ class TrainConfig:
     top_k: int = 2
     router_aux_loss_coef: float = 0.02
     seq_len: int = 256
-    batch_size: int = 16
+    batch_size: int = 8
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 100
     weight_decay: float = 0.1
-    max_steps: int = 4000
+    max_steps: int = 6000
     minutes: float = 40.0
     answer_weight: float = 5.0  # loss weight on answer + stop tokens of qa/arithmetic documents
     # by document draws (qa documents are long, arithmetic ones short; gaps are topped up with arithmetic)
-    mixture: dict[str, float] = field(default_factory=lambda: {"qa": 0.55, "arithmetic": 0.20, "code": 0.15, "prose": 0.10})
+    mixture: dict[str, float] = field(default_factory=lambda: {"qa": 0.60, "arithmetic": 0.20, "code": 0.12, "prose": 0.08})
     tokenizer_docs: int = 6000
 
 
@@ -110,13 +110,24 @@ def train_tokenizer(gen, cfg: TrainConfig):
 # ------------------------------------------------------------------------------------------------
 # Training data: packed rows of whole documents with per-token loss weights
 # ------------------------------------------------------------------------------------------------
+def plain_backend(tokenizer):
+    """A copy of the fast tokenizer's backend with padding/truncation off: calling the HF tokenizer
+    with padding=True leaves padding switched on in its backend, which would leak pad ids here."""
+    from tokenizers import Tokenizer
+
+    bt = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    bt.no_padding()
+    bt.no_truncation()
+    return bt
+
+
 class DocStream:
     """Tokenised training documents of one kind: (ids, weights), bos ... eos, encoded in batches."""
 
     def __init__(self, gen, kind: str, tokenizer, cfg: TrainConfig, exclude: set[str]):
         self.kind, self.cfg = kind, cfg
         self.docs = gen.training_documents(kind, cfg.seed, exclude)
-        self.tok = tokenizer.backend_tokenizer
+        self.tok = plain_backend(tokenizer)
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         self.buf: list[tuple[list[int], list[float]]] = []
 
@@ -299,6 +310,9 @@ def save_atomically(model, tokenizer, out_dir: Path, extra_files: dict[str, Any]
         model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                    pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=16)
         model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.backend_tokenizer.no_padding()  # evaluation's padded calls must not persist into tokenizer.json
+        tokenizer.backend_tokenizer.no_truncation()
+        tokenizer.padding_side = "left"
         tokenizer.save_pretrained(tmp)
         for name, obj in extra_files.items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
@@ -349,7 +363,7 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_
     """Sum of log p(continuation | bos + prompt) and its token count, for each (prompt, continuation)."""
     import torch
 
-    bt = tokenizer.backend_tokenizer
+    bt = plain_backend(tokenizer)
     seqs = []
     for p, c in pairs:
         pi = [tokenizer.bos_token_id] + bt.encode(p, add_special_tokens=False).ids
@@ -384,7 +398,7 @@ def text_nll(model, tokenizer, texts: list[str], batch_size: int = 16) -> tuple[
 
 def unigram_nll(tokenizer, train_texts: list[str], test_texts: list[str]) -> float:
     """Mean NLL (nats/token) of the test tokens under an add-one unigram fitted on training text."""
-    bt = tokenizer.backend_tokenizer
+    bt = plain_backend(tokenizer)
     counts = Counter()
     for e in bt.encode_batch(train_texts, add_special_tokens=False):
         counts.update(e.ids)
@@ -528,7 +542,7 @@ def train_sample(out_dir: str | Path = DEFAULT_OUT, minutes: float = 40.0, seed:
     torch.set_num_threads(int(os.environ.get("MOESCOPE_THREADS", "2")))
     cfg = TrainConfig(seed=seed, minutes=minutes, **overrides)
     model, tokenizer, stats = train_model(cfg, progress=progress)
-    info = {"config": asdict(cfg), "stats": stats, "command": " ".join([Path(sys.executable).name] + sys.argv)}
+    info = {"config": asdict(cfg), "stats": stats, "command": "python -m core.sample_training " + " ".join(sys.argv[1:])}
     if evaluate:
         t = time.time()
         info["test_scores"] = evaluate_model(model, tokenizer, "test")
