@@ -19,9 +19,13 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The main job. Until the dashboard lands this shows the command line's help.
+# The main job. Until the dashboard lands: the bundled model, its scores, and a pruned plan's scores.
+MS := $(VENV)/bin/moescope
 run: $(STAMP)
-	$(VENV)/bin/moescope --help
+	$(MS) info sample_data/model
+	$(MS) evaluate sample_data/model --task qa --task arithmetic --task qa_choice --task code --task prose
+	$(MS) prune sample_data/model --method frequency --ratio 0.5 --task qa --out runs/plan-frequency-qa.json --overwrite
+	$(MS) evaluate sample_data/model --task qa --plan runs/plan-frequency-qa.json
 
 bench: $(STAMP)
 	$(PY) benchmarks/profile_overhead.py

@@ -173,6 +173,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({len(table)} rows)")
 
 
+def cmd_train_sample(args: argparse.Namespace) -> None:
+    from . import sample_training  # imported before torch: it sets OpenMP's passive waiting
+
+    sample_training.main(args.options)
+
+
 def cmd_merge_profiles(args: argparse.Namespace) -> None:
     from .profile import merge_profiles
 
@@ -256,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("train-sample", help="train the bundled sample MoE model on CPU (about 35 minutes)",
+                       description="Options are passed on: --out DIR --minutes M --max-steps N --seed S "
+                                   "--no-eval --quiet (see python -m core.sample_training --help).")
+    p.set_defaults(func=cmd_train_sample, options=[])
+
     p = sub.add_parser("merge-profiles", help="combine profiles of disjoint shards into one")
     p.add_argument("profiles", nargs="+")
     p.add_argument("--out", required=True)
@@ -264,7 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.func is cmd_train_sample:  # its options belong to core.sample_training
+        args.options = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except MoEScopeError as exc:

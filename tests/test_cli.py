@@ -147,3 +147,12 @@ def test_sweep_command_writes_a_table(model_dir, tmp_path, capsys):
     assert full.total_params > table[table.ratio == 0.5].total_params.max()
     assert table[table.method != "full"].agreement_top1_agreement.between(0, 1).all()
     assert {"metric_nll", "tokens_per_s", "active_params", "weight_bytes", "search_seconds"} <= set(table.columns)
+
+
+def test_train_sample_is_wired(monkeypatch):
+    import core.sample_training as sample_training
+
+    seen = []
+    monkeypatch.setattr(sample_training, "main", lambda argv: seen.append(argv))
+    assert main(["train-sample", "--minutes", "1", "--out", "/tmp/x", "--quiet"]) == 0
+    assert seen == [["--minutes", "1", "--out", "/tmp/x", "--quiet"]]
