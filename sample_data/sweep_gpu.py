@@ -11,7 +11,6 @@ class FakeDS(list):
         return list.__getitem__(self, k)
 
 def run(name, v, out):
-    import torch
     import core.tasks as T
     from core import sample_training as st
     gen = st.load_generator()

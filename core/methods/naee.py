@@ -25,7 +25,7 @@ from ..masking import masked
 from ..model import MoEModel
 from ..plan import Plan
 from .base import Calibration, ProgressFn, Target, finish_plan
-from .reap import encode_calibration, padded_batches
+from .reap import encode_calibration, forward_calibration, padded_batches
 
 
 class _Captured(Exception):
@@ -288,14 +288,5 @@ def gate_ratios(mm: MoEModel, seqs: list[list[int]], batch_size: int, plan: Plan
         return hook
 
     handles = [layer.router.register_forward_hook(router_hook(layer)) for layer in mm.layers]
-    try:
-        with masked(mm, plan), torch.inference_mode():
-            for i, (batch, valid) in enumerate(padded_batches(mm, seqs, batch_size)):
-                state["valid"] = valid
-                mm.model(**batch)
-                if progress:
-                    progress("gate weight ratios", min(1.0, (i + 1) * batch_size / len(seqs)))
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_calibration(mm, seqs, batch_size, state, handles, "gate weight ratios", progress, plan)
     return {k: np.concatenate(v) for k, v in ratios.items()}

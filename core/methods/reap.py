@@ -20,6 +20,7 @@ import torch
 
 from ..adapters import MoELayer
 from ..errors import MoEScopeError
+from ..masking import masked
 from ..model import MoEModel
 from ..plan import Plan
 from .base import Calibration, ProgressFn, Target, plan_from_scores
@@ -49,6 +50,23 @@ def padded_batches(mm: MoEModel, seqs: list[list[int]],
     for lo in range(0, len(seqs), batch_size):
         batch = tok.pad({"input_ids": seqs[lo:lo + batch_size]}, return_tensors="pt").to(device)
         yield batch, batch["attention_mask"].reshape(-1).bool()
+
+
+def forward_calibration(mm: MoEModel, seqs: list[list[int]], batch_size: int, state: dict[str, torch.Tensor],
+                        handles: list[Any], label: str, progress: ProgressFn | None = None,
+                        plan: Plan | None = None) -> None:
+    """Run the calibration sequences through the model (``plan`` masked in) with hooks attached, keeping
+    ``state["valid"]`` the current batch's mask of real tokens for them; the hooks are removed afterwards."""
+    try:
+        with masked(mm, plan), torch.inference_mode():
+            for i, (batch, valid) in enumerate(padded_batches(mm, seqs, batch_size)):
+                state["valid"] = valid
+                mm.model(**batch)
+                if progress:
+                    progress(label, min(1.0, (i + 1) * batch_size / len(seqs)))
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def refuse_input_scaled_experts(mm: MoEModel, method: str) -> None:
@@ -117,17 +135,8 @@ def saliency_sums(mm: MoEModel, seqs: list[list[int]], batch_size: int,
         return hook
 
     handles = []
-    try:
-        for layer in mm.layers:
-            handles.append(layer.router.register_forward_hook(router_hook(layer)))
-            handles.append(layer.experts.register_forward_pre_hook(experts_pre_hook(layer), with_kwargs=True))
-        with mm.lock, torch.inference_mode():
-            for i, (batch, valid) in enumerate(padded_batches(mm, seqs, batch_size)):
-                state["valid"] = valid
-                mm.model(**batch)
-                if progress:
-                    progress("REAP saliency", min(1.0, (i + 1) * batch_size / len(seqs)))
-    finally:
-        for handle in handles:
-            handle.remove()
+    for layer in mm.layers:
+        handles.append(layer.router.register_forward_hook(router_hook(layer)))
+        handles.append(layer.experts.register_forward_pre_hook(experts_pre_hook(layer), with_kwargs=True))
+    forward_calibration(mm, seqs, batch_size, state, handles, "REAP saliency", progress)
     return ({k: v.numpy() for k, v in sums.items()}, {k: v.numpy() for k, v in counts.items()})
