@@ -46,23 +46,24 @@ class Frequency:
     name: str = "frequency"
     batch_size: int = 16
 
+    def scores(self, counts: np.ndarray, mass: np.ndarray) -> np.ndarray:
+        return counts
+
     def plan(self, mm: MoEModel, calibration: Calibration, target: Target, progress: ProgressFn | None = None) -> Plan:
         started = time.perf_counter()
-        counts, _, passes = routing_usage(mm, calibration, self.batch_size, progress)
-        return plan_from_scores(mm, counts, target, self.name, {}, calibration, started, passes)
+        counts, mass, passes = routing_usage(mm, calibration, self.batch_size, progress)
+        scores = {layer: self.scores(counts[layer], mass[layer]) for layer in counts}
+        return plan_from_scores(mm, scores, target, self.name, {}, calibration, started, passes)
 
 
 @dataclass
-class SoftActivation:
+class SoftActivation(Frequency):
     """Keep the experts with the largest accumulated routing weight (sum of applied gate weights)."""
 
     name: str = "soft_activation"
-    batch_size: int = 16
 
-    def plan(self, mm: MoEModel, calibration: Calibration, target: Target, progress: ProgressFn | None = None) -> Plan:
-        started = time.perf_counter()
-        _, mass, passes = routing_usage(mm, calibration, self.batch_size, progress)
-        return plan_from_scores(mm, mass, target, self.name, {}, calibration, started, passes)
+    def scores(self, counts: np.ndarray, mass: np.ndarray) -> np.ndarray:
+        return mass
 
 
 @dataclass
