@@ -12,7 +12,7 @@ from core.aggregate import expert_usage
 from core.cli import main
 from core.profile import Profile
 
-from .tiny_models import save_tiny
+from .tiny_models import save_tiny, write_lm_task
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +85,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
 
 
 def test_evaluate_command(model_dir, tmp_path, capsys):
-    folder = tmp_path / "lm"
-    folder.mkdir()
-    (folder / "test.jsonl").write_text('{"text": "hello world"}\n{"text": "abc"}\n')
-    (folder / "task.json").write_text(json.dumps({"name": "lm", "metric": "lm_loss", "text_field": "text",
-                                                  "data_files": {"test": "test.jsonl"}}))
+    folder = write_lm_task(tmp_path / "lm", ["hello world", "abc"], splits=("test",))
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"format": "moescope-plan", "version": 1, "top_k": 1, "layers": {}}))
     assert main(["evaluate", str(model_dir), "--task", str(folder), "--plan", str(plan), "--json"]) == 0
@@ -101,11 +97,7 @@ def test_evaluate_command(model_dir, tmp_path, capsys):
 
 
 def test_prune_command_writes_a_plan(model_dir, tmp_path, capsys):
-    folder = tmp_path / "lm"
-    folder.mkdir()
-    (folder / "calibration.jsonl").write_text('{"text": "hello world"}\n{"text": "abc def"}\n')
-    (folder / "task.json").write_text(json.dumps({"name": "lm", "metric": "lm_loss", "text_field": "text",
-                                                  "data_files": {"calibration": "calibration.jsonl"}}))
+    folder = write_lm_task(tmp_path / "lm", ["hello world", "abc def"])
     out = tmp_path / "plan.json"
     assert main(["prune", str(model_dir), "--method", "frequency", "--ratio", "0.5", "--top-k", "1",
                  "--task", str(folder), "--out", str(out)]) == 0
@@ -128,14 +120,8 @@ def test_prune_command_writes_a_plan(model_dir, tmp_path, capsys):
 def test_sweep_command_writes_a_table(model_dir, tmp_path, capsys):
     import pandas as pd
 
-    folder = tmp_path / "lm"
-    folder.mkdir()
-    rows = "".join(json.dumps({"text": t}) + "\n" for t in ["hello world", "abc def", "the cat sat"])
-    (folder / "calibration.jsonl").write_text(rows)
-    (folder / "test.jsonl").write_text(rows)
-    (folder / "task.json").write_text(json.dumps({"name": "lm", "metric": "lm_loss", "text_field": "text",
-                                                  "data_files": {"calibration": "calibration.jsonl",
-                                                                 "test": "test.jsonl"}}))
+    folder = write_lm_task(tmp_path / "lm", ["hello world", "abc def", "the cat sat"],
+                           splits=("calibration", "test"))
     out = tmp_path / "sweep.csv"
     assert main(["sweep", str(model_dir), "--methods", "random,frequency", "--ratios", "0.25,0.5", "--tasks",
                  str(folder), "--seeds", "0,1", "--out", str(out)]) == 0

@@ -14,19 +14,14 @@ from core.model import MoEModel
 from core.plan import Plan, validate_plan
 from core.tasks import TaskSpec
 
-from .tiny_models import build, build_layout, char_tokenizer
+from .tiny_models import build, build_layout, char_tokenizer, write_lm_task
 
 DEAD = [5, 6, 7]
 TEXTS = ["the cat sat on the mat", "hello world again", "def f(x): return x + 1", "12+34=46", "abc abc abc"]
 
 
 def lm_task(tmp_path) -> Calibration:
-    folder = tmp_path / "lm"
-    folder.mkdir(exist_ok=True)
-    (folder / "calibration.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    (folder / "task.json").write_text(json.dumps({"name": "lm", "metric": "lm_loss", "text_field": "text",
-                                                  "data_files": {"calibration": "calibration.jsonl"}}))
-    return Calibration(TaskSpec.from_json(folder))
+    return Calibration(TaskSpec.from_json(write_lm_task(tmp_path / "lm", TEXTS)))
 
 
 def with_dead_experts(model_type: str = "gpt_oss") -> MoEModel:

@@ -105,3 +105,18 @@ def save_tiny(path, model_type: str = "mixtral", **overrides):
     build(model_type, **overrides).save_pretrained(path)
     char_tokenizer().save_pretrained(path)
     return path
+
+
+def write_lm_task(folder, texts, splits=("calibration",)):
+    """A language-model-loss task named "lm" with the same texts in each split, as a task folder."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = "".join(json.dumps({"text": t}) + "\n" for t in texts)
+    for split in splits:
+        (folder / f"{split}.jsonl").write_text(rows)
+    (folder / "task.json").write_text(json.dumps({"name": "lm", "metric": "lm_loss", "text_field": "text",
+                                                  "data_files": {s: f"{s}.jsonl" for s in splits}}))
+    return folder
