@@ -137,3 +137,56 @@ def consecutive_same_expert(profile: Profile, task: str, layer: int) -> float:
     ex = df["example"].to_numpy()
     same_example = ex[1:] == ex[:-1]
     return float((first[1:] == first[:-1])[same_example].mean())
+
+
+def _routed_rows(profile: Profile, layer: int, expert: int, task: str | None) -> pd.DataFrame:
+    """Rows (task, example, step, position, token_id, rank) where ``expert`` is in the token's top-k at ``layer``."""
+    if layer not in profile.meta.layers:
+        raise MoEScopeError(f"Layer {layer} is not in this profile; its layers are {profile.meta.layers}.")
+    k = profile.meta.top_k
+    filters = [("layer", "=", layer)] + ([("task", "=", task)] if task is not None else [])
+    table = profile.table(columns=["task", "example", "step", "position", "token_id", "experts"], filters=filters)
+    experts = list_matrix(table.column("experts"), k)
+    hit = experts == expert
+    rows = hit.any(axis=1)
+    df = table.select(["task", "example", "step", "position", "token_id"]).to_pandas()[rows]
+    df["rank"] = hit[rows].argmax(axis=1)
+    return df.reset_index(drop=True)
+
+
+def expert_tokens(profile: Profile, layer: int, expert: int, task: str | None = None, top: int = 15) -> pd.DataFrame:
+    """The tokens most often routed to ``expert`` at ``layer``: count, and the fraction of all that token's
+    occurrences that went to this expert (1.0 = the expert takes every occurrence)."""
+    routed = _routed_rows(profile, layer, expert, task)
+    filters = [("layer", "=", layer)] + ([("task", "=", task)] if task is not None else [])
+    all_ids = profile.table(columns=["token_id"], filters=filters).column("token_id").to_numpy()
+    totals = pd.Series(all_ids).value_counts()
+    counts = routed["token_id"].value_counts().head(top)
+    return pd.DataFrame({"token_id": counts.index.astype(int), "count": counts.to_numpy(),
+                         "fraction_of_token": (counts / totals.reindex(counts.index)).to_numpy()})
+
+
+def expert_snippets(profile: Profile, layer: int, expert: int, task: str | None = None, n: int = 5,
+                    window: int = 8) -> list[dict]:
+    """Up to ``n`` places (from different examples) where ``expert`` was chosen first at ``layer``: the token
+    and up to ``window`` prompt tokens each side, as ids, for showing what the expert reads."""
+    routed = _routed_rows(profile, layer, expert, task)
+    first = routed[(routed["rank"] == 0) & (routed["step"] == 0)].drop_duplicates(["task", "example"]).head(n)
+    out = []
+    for row in first.itertuples():
+        ids = token_routes(profile, row.task, int(row.example), layer)
+        ids = ids[ids["step"] == 0].set_index("position")["token_id"]
+        p = int(row.position)
+        out.append({"task": row.task, "example": int(row.example), "position": p,
+                    "before": [int(t) for t in ids.loc[max(0, p - window):p - 1]],
+                    "token": int(row.token_id),
+                    "after": [int(t) for t in ids.loc[p + 1:p + window]]})
+    return out
+
+
+def profile_examples(profile: Profile) -> pd.DataFrame:
+    """Every recorded example: task, example index and its number of prompt tokens."""
+    table = profile.table(columns=["task", "example", "layer", "step"],
+                          filters=[("layer", "=", profile.meta.layers[0]), ("step", "=", 0)])
+    df = table.to_pandas()
+    return df.groupby(["task", "example"], as_index=False).size().rename(columns={"size": "tokens"})

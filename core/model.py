@@ -107,6 +107,12 @@ class MoEModel:
             skippable=self.adapter.router_output == "decisions",
         )
 
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token id as the text it stands for, for showing routed tokens one by one."""
+        if self.tokenizer is None:
+            return [f"<{i}>" for i in ids]
+        return [self.tokenizer.decode([i]) for i in ids]
+
     def weights_digest(self) -> str:
         """sha256 of every MoE router's weights: cheap, and changes whenever routing could."""
         digest = hashlib.sha256()

@@ -75,6 +75,13 @@ class ProfileMeta:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
 
+    def require_model(self, weights_digest: str, source: str) -> None:
+        """Refuse to read this profile against a model whose routers differ from the one that recorded it."""
+        if self.weights_digest != weights_digest:
+            raise MoEScopeError(f"This profile was recorded from {self.model} (router weights {self.weights_digest[:12]}), "
+                                f"not from the loaded model {source} ({weights_digest[:12]}); record a profile of "
+                                f"this model, or load the model it came from.")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ProfileMeta":
         known = {f for f in cls.__dataclass_fields__}

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import pandas as pd
 
 from .errors import MoEScopeError
-from .evaluation import Evaluator, EvalResult
+from .evaluation import EvalResult, Evaluator
 from .io import atomic_file
 from .methods import Calibration, Target, make_method
 from .model import MoEModel
@@ -22,7 +23,7 @@ from .tasks import get_task_spec
 SweepProgress = Callable[[str, int, int], None]  # (what, done, total)
 
 
-def _row(result: EvalResult, **keys: object) -> dict[str, object]:
+def result_row(result: EvalResult, **keys: object) -> dict[str, object]:
     row = dict(keys)
     row.update({"eval_task": result.task, "split": result.split, "examples": result.n_examples,
                 "eval_seconds": result.seconds, "plan_digest": result.plan_digest})
@@ -43,7 +44,7 @@ def run_sweep(mm: MoEModel, methods: Sequence[str], ratios: Sequence[float], tas
     evaluator = Evaluator(mm)
     rows = []
     for spec in specs:
-        rows.append(_row(evaluator.evaluate(spec, split=split, limit=limit), method="full", ratio=0.0,
+        rows.append(result_row(evaluator.evaluate(spec, split=split, limit=limit), method="full", ratio=0.0,
                          keep=mm.n_experts, top_k=mm.top_k, seed=None, calibration_task=None, search_seconds=0.0,
                          forward_passes=0))
     jobs = [(m, r, s, c) for m in methods for r in ratios for s in (seeds if m == "random" else seeds[:1])
@@ -59,7 +60,7 @@ def run_sweep(mm: MoEModel, methods: Sequence[str], ratios: Sequence[float], tas
         targets = [calib] if calibrations is None else specs
         for spec in targets:
             result = evaluator.evaluate(spec, plan=plan, split=split, limit=limit)
-            rows.append(_row(result, method=method, ratio=ratio, keep=kept, top_k=plan.top_k or mm.top_k,
+            rows.append(result_row(result, method=method, ratio=ratio, keep=kept, top_k=plan.top_k or mm.top_k,
                              seed=seed if method in ("random", "eep") else None, calibration_task=calib.name,
                              search_seconds=plan.extra.get("wall_time_s"),
                              forward_passes=plan.extra.get("forward_passes")))
@@ -77,3 +78,20 @@ def save_table(table: pd.DataFrame, out: str | Path) -> Path:
         else:
             table.to_parquet(tmp, index=False)
     return out
+
+
+SWEEP_COLUMNS = ("method", "keep", "top_k", "eval_task")
+
+
+def load_table(source: str | Path | BinaryIO, name: str | None = None) -> pd.DataFrame:
+    """Read a sweep table written by :func:`save_table` (CSV or Parquet, by name), refusing other files."""
+    name = name or str(source)
+    try:
+        table = pd.read_parquet(source) if name.endswith(".parquet") else pd.read_csv(source)
+    except Exception as exc:  # noqa: BLE001 - pandas raises many types for a file that is not a table
+        raise MoEScopeError(f"{name} is not a readable sweep table ({type(exc).__name__}: {exc}).") from None
+    missing = [c for c in SWEEP_COLUMNS if c not in table.columns]
+    if missing or not any(c.startswith("metric_") for c in table.columns):
+        raise MoEScopeError(f"{name} is not a MoEScope sweep table: it lacks {missing or 'metric_* columns'}; "
+                            f"make one with `moescope sweep`.")
+    return table

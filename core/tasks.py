@@ -192,3 +192,13 @@ def training_text(spec: TaskSpec, example: dict[str, Any]) -> tuple[str, str]:
     if spec.metric == "multiple_choice":
         return r.prompt, r.options[r.label] + spec.stop
     return r.prompt, spec.target_prefix + r.references[0] + spec.stop
+
+
+def task_texts(spec_or_path: Union[TaskSpec, str, Path], split: str, limit: int | None = None) -> list[str]:
+    """The first ``limit`` examples of a split as the model reads them whole (prompt then reference answer):
+    what profiling records routing on."""
+    spec = get_task_spec(spec_or_path)
+    data = load_task(spec, split)
+    if limit:
+        data = data.select(range(min(limit, len(data))))
+    return ["".join(training_text(spec, row)) for row in data]

@@ -95,6 +95,39 @@ class PruningMethod(Protocol):
              progress: ProgressFn | None = None) -> Plan: ...
 
 
+@dataclass
+class ExpertScores:
+    """Per-layer expert scores from one calibration pass. Any target's plan follows from them without
+    another pass, so the dashboard can move the pruning ratio instantly."""
+
+    scores: dict[int, np.ndarray]
+    forward_passes: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ScoredMethod:
+    """A method that ranks experts by a score and keeps each layer's best: ``expert_scores`` does the
+    calibration work once, ``plan`` turns scores into a plan for a target."""
+
+    name: str
+
+    def parameters(self) -> dict[str, Any]:
+        return {}
+
+    def expert_scores(self, mm: MoEModel, calibration: Calibration,
+                      progress: ProgressFn | None = None) -> ExpertScores:
+        raise NotImplementedError
+
+    def plan(self, mm: MoEModel, calibration: Calibration, target: Target, progress: ProgressFn | None = None,
+             scores: ExpertScores | None = None) -> Plan:
+        target.experts_kept(mm)  # refuse an impossible target before the calibration pass
+        scored = scores or self.expert_scores(mm, calibration, progress)
+        started = time.perf_counter() - scored.seconds  # the plan's wall time includes the scoring pass
+        return plan_from_scores(mm, scored.scores, target, self.name, self.parameters(), calibration, started,
+                                scored.forward_passes, **scored.extra)
+
+
 def top_experts(scores: np.ndarray, keep: int, groups: int = 1) -> list[int]:
     """The ``keep`` highest-scoring experts (ties to the lower id), the same number from every group."""
     n = len(scores)

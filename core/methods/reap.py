@@ -23,7 +23,7 @@ from ..errors import MoEScopeError
 from ..masking import masked
 from ..model import MoEModel
 from ..plan import Plan
-from .base import Calibration, ProgressFn, Target, plan_from_scores
+from .base import Calibration, ExpertScores, ProgressFn, ScoredMethod
 
 
 def encode_calibration(mm: MoEModel, calibration: Calibration, max_length: int) -> list[list[int]]:
@@ -78,7 +78,7 @@ def refuse_input_scaled_experts(mm: MoEModel, method: str) -> None:
 
 
 @dataclass
-class REAP:
+class REAP(ScoredMethod):
     """Keep the experts with the largest mean gated output norm on the tokens routed to them (REAP saliency);
     an expert no calibration token reaches scores 0. Same count per layer; top-k only changes if the target
     asks."""
@@ -87,19 +87,19 @@ class REAP:
     batch_size: int = 8
     max_length: int = 512
 
-    def plan(self, mm: MoEModel, calibration: Calibration, target: Target,
-             progress: ProgressFn | None = None) -> Plan:
+    def parameters(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "max_length": self.max_length}
+
+    def expert_scores(self, mm: MoEModel, calibration: Calibration,
+                      progress: ProgressFn | None = None) -> ExpertScores:
         started = time.perf_counter()
         refuse_input_scaled_experts(mm, "REAP")
-        target.experts_kept(mm)  # refuse an impossible target before the calibration pass
         seqs = encode_calibration(mm, calibration, self.max_length)
         sums, counts = saliency_sums(mm, seqs, self.batch_size, progress)
         scores = {layer: np.divide(sums[layer], counts[layer], out=np.zeros_like(sums[layer]),
                                    where=counts[layer] > 0) for layer in sums}
-        return plan_from_scores(mm, scores, target, self.name,
-                                {"batch_size": self.batch_size, "max_length": self.max_length}, calibration,
-                                started, len(seqs),
-                                routed_tokens={str(k): [int(c) for c in v] for k, v in counts.items()})
+        return ExpertScores(scores, len(seqs), time.perf_counter() - started,
+                            {"routed_tokens": {str(k): [int(c) for c in v] for k, v in counts.items()}})
 
 
 def saliency_sums(mm: MoEModel, seqs: list[list[int]], batch_size: int,

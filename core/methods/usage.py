@@ -18,7 +18,15 @@ from ..model import MoEModel
 from ..plan import Plan
 from ..profile import Profile
 from ..profiling import profile_texts
-from .base import Calibration, ProgressFn, Target, finish_plan, plan_from_scores
+from .base import (
+    Calibration,
+    ExpertScores,
+    ProgressFn,
+    ScoredMethod,
+    Target,
+    finish_plan,
+    plan_from_scores,
+)
 
 
 def routing_usage(mm: MoEModel, calibration: Calibration, batch_size: int = 16,
@@ -40,20 +48,21 @@ def routing_usage(mm: MoEModel, calibration: Calibration, batch_size: int = 16,
 
 
 @dataclass
-class Frequency:
+class Frequency(ScoredMethod):
     """Keep the experts most often in the top-k on calibration tokens."""
 
     name: str = "frequency"
     batch_size: int = 16
 
-    def scores(self, counts: np.ndarray, mass: np.ndarray) -> np.ndarray:
+    def score(self, counts: np.ndarray, mass: np.ndarray) -> np.ndarray:
         return counts
 
-    def plan(self, mm: MoEModel, calibration: Calibration, target: Target, progress: ProgressFn | None = None) -> Plan:
+    def expert_scores(self, mm: MoEModel, calibration: Calibration,
+                      progress: ProgressFn | None = None) -> ExpertScores:
         started = time.perf_counter()
         counts, mass, passes = routing_usage(mm, calibration, self.batch_size, progress)
-        scores = {layer: self.scores(counts[layer], mass[layer]) for layer in counts}
-        return plan_from_scores(mm, scores, target, self.name, {}, calibration, started, passes)
+        return ExpertScores({layer: self.score(counts[layer], mass[layer]) for layer in counts}, passes,
+                            time.perf_counter() - started)
 
 
 @dataclass
@@ -62,7 +71,7 @@ class SoftActivation(Frequency):
 
     name: str = "soft_activation"
 
-    def scores(self, counts: np.ndarray, mass: np.ndarray) -> np.ndarray:
+    def score(self, counts: np.ndarray, mass: np.ndarray) -> np.ndarray:
         return mass
 
 

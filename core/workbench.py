@@ -1,0 +1,194 @@
+"""One model's interactive pruning bench: the plan for a (method, target, calibration task) and its scores
+beside the unpruned model's, cached so that returning to a setting is instant.
+
+The dashboard's pruning controls call only this. Score-based methods (frequency, soft activation, REAP)
+make their calibration pass once per calibration task; every ratio after that is a sort. Searches (EEP,
+NAEE, dynamic skipping) run on request, report progress, stop when asked, and EEP resumes from its saved
+population.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .evaluation import EvalResult, Evaluator
+from .methods import Calibration, Target, make_method
+from .methods.base import ExpertScores, ProgressFn, ScoredMethod
+from .model import MoEModel
+from .plan import Plan
+from .sweep import result_row
+from .tasks import get_task_spec
+
+# Methods whose plan takes a search (seconds to minutes): run on request, never on every control change.
+SEARCH_METHODS = ("eep", "naee", "dynamic_skip")
+# The direction of each metric the harness reports, for deltas that read as better or worse.
+LOWER_IS_BETTER = {"nll", "perplexity"}
+# The one number per task kind that headlines a comparison.
+HEADLINE_METRIC = {"squad": "exact_match", "exact_match": "exact_match", "multiple_choice": "accuracy", "lm_loss": "nll"}
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the user asked for: a method, a target, and the task whose calibration split guides it."""
+
+    method: str
+    calibration_task: str
+    keep: int | None = None
+    ratio: float | None = None
+    top_k: int | None = None
+    calibration_limit: int | None = None
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def target(self) -> Target:
+        return Target(keep=self.keep, ratio=self.ratio, top_k=self.top_k)
+
+    def key(self) -> str:
+        blob = json.dumps([self.method, self.calibration_task, self.keep, self.ratio, self.top_k,
+                           self.calibration_limit, list(self.params)], default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Comparison:
+    """A plan's scores next to the unpruned model's, task by task, with what it saves."""
+
+    table: pd.DataFrame  # task, metric, headline, full, pruned, delta, better ("higher"/"lower")
+    agreement: pd.DataFrame  # task, top1_agreement, mean_kl
+    cost: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class Workbench:
+    """Plans and comparisons for one loaded model; safe to share between dashboard sessions."""
+
+    def __init__(self, mm: MoEModel, batch_size: int = 64, state_dir: str | Path | None = None) -> None:
+        self.mm = mm
+        self.evaluator = Evaluator(mm, batch_size=batch_size)
+        self.state_dir = Path(state_dir) if state_dir else None
+        self.digest = mm.weights_digest()
+        self.history: list[dict[str, Any]] = []  # one sweep-table row per evaluated (plan, task)
+        self._scores: dict[tuple, ExpertScores] = {}
+        self._plans: dict[str, Plan] = {}
+        self._lock = threading.RLock()
+
+    def has_plan(self, request: PlanRequest) -> bool:
+        return request.key() in self._plans
+
+    def plan(self, request: PlanRequest, progress: ProgressFn | None = None,
+             should_stop: Callable[[], bool] | None = None) -> Plan:
+        """The plan for ``request``, made once and then served from memory."""
+        key = request.key()
+        with self._lock:
+            if key in self._plans:
+                return self._plans[key]
+            params = dict(request.params)
+            if request.method == "eep":
+                params["should_stop"] = should_stop
+                if self.state_dir is not None:
+                    self.state_dir.mkdir(parents=True, exist_ok=True)
+                    params.setdefault("state_path", str(self.state_dir / f"eep-{self.digest[:12]}-{key}.json"))
+            method = make_method(request.method, **params)
+            calibration = Calibration.of(request.calibration_task, limit=request.calibration_limit)
+            if isinstance(method, ScoredMethod):
+                skey = (request.method, request.params, request.calibration_task, request.calibration_limit)
+                if skey not in self._scores:
+                    self._scores[skey] = method.expert_scores(self.mm, calibration, progress)
+                plan = method.plan(self.mm, calibration, request.target, scores=self._scores[skey])
+            else:
+                plan = method.plan(self.mm, calibration, request.target, progress=progress)
+            if not plan.extra.get("cancelled"):  # a stopped search's best-so-far is shown, not cached
+                self._plans[key] = plan
+            return plan
+
+    def compare(self, plan: Plan | None, tasks: Sequence[str], split: str = "test", limit: int | None = None,
+                progress: Callable[[str, int, int], None] | None = None) -> Comparison:
+        """Evaluate ``plan`` and the unpruned model on each task (both cached by the evaluator)."""
+        started = time.perf_counter()
+        rows, agreement, cost = [], [], {}
+        for name in tasks:
+            spec = get_task_spec(name)
+            full = self.evaluator.evaluate(spec, None, split, limit, progress=progress)
+            pruned = self.evaluator.evaluate(spec, plan, split, limit, progress=progress) if plan else full
+            for metric, value in full.metrics.items():
+                new = pruned.metrics[metric]
+                rows.append({"task": spec.name, "metric": metric, "headline": metric == HEADLINE_METRIC[spec.metric], "full": value, "pruned": new, "delta": new - value,
+                             "better": "lower" if metric in LOWER_IS_BETTER else "higher"})
+            self._record(full, None)
+            if plan is not None:
+                self._record(pruned, plan)
+            if pruned.agreement:
+                agreement.append({"task": spec.name, **pruned.agreement})
+            cost.setdefault("tokens_per_s_full", 0.0)
+            cost["tokens_per_s_full"] += full.cost["tokens_per_s"] / len(tasks)
+            cost["tokens_per_s"] = cost.get("tokens_per_s", 0.0) + pruned.cost["tokens_per_s"] / len(tasks)
+            cost.update({k: v for k, v in pruned.cost.items() if k != "tokens_per_s"})
+        return Comparison(pd.DataFrame(rows), pd.DataFrame(agreement), cost, time.perf_counter() - started)
+
+    def sweep(self, methods: Sequence[str], keeps: Sequence[int], calibration_task: str, tasks: Sequence[str],
+              top_k: int | None = None, split: str = "test", limit: int | None = None,
+              calibration_limit: int | None = None, progress: Callable[[str, int, int], None] | None = None) -> pd.DataFrame:
+        """Plan and evaluate every (method, experts kept) pair; returns :meth:`sweep_table`."""
+        jobs = [(m, k) for m in methods for k in keeps]
+        for done, (method, keep) in enumerate(jobs, 1):
+            if progress:
+                progress(f"{method}, keep {keep}", done - 1, len(jobs))
+            plan = self.plan(PlanRequest(method, calibration_task, keep=keep, top_k=top_k,
+                                         calibration_limit=calibration_limit))
+            self.compare(plan, tasks, split, limit)
+        return self.sweep_table()
+
+    def sweep_table(self) -> pd.DataFrame:
+        """Everything evaluated so far, in the format of ``moescope sweep`` tables."""
+        if not self.history:
+            return pd.DataFrame()
+        return pd.DataFrame(self.history).drop_duplicates(["method", "keep", "top_k", "calibration_task", "seed",
+                                                           "eval_task", "split", "examples", "plan_digest"])
+
+    def _record(self, result: EvalResult, plan: Plan | None) -> None:
+        n = self.mm.n_experts
+        if plan is None:
+            keys = {"method": "full", "keep": n, "top_k": self.mm.top_k, "seed": None, "calibration_task": None,
+                    "search_seconds": 0.0, "forward_passes": 0}
+        else:
+            keep = len(next(iter(plan.layers.values()))) if plan.layers else n
+            keys = {"method": plan.extra.get("method", "custom"), "keep": keep, "top_k": plan.top_k or self.mm.top_k,
+                    "seed": plan.extra.get("seed"), "calibration_task": (plan.extra.get("calibration") or {}).get("task"),
+                    "search_seconds": plan.extra.get("wall_time_s"), "forward_passes": plan.extra.get("forward_passes")}
+        keys["ratio"] = 1 - keys["keep"] / n
+        self.history.append(result_row(result, **keys))
+
+
+def headline_metric(task: str) -> str:
+    return HEADLINE_METRIC[get_task_spec(task).metric]
+
+
+def tradeoff_points(tables: Sequence[pd.DataFrame], task: str, metric: str) -> pd.DataFrame:
+    """One line per method for a trade-off chart: fraction of experts removed vs ``metric`` on ``task``, from
+    sweep tables (``moescope sweep`` or :meth:`Workbench.sweep_table`); the unpruned model starts every line."""
+    column = f"metric_{metric}"
+    frames = [t for t in tables if not t.empty]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if table.empty or column not in table or "eval_task" not in table:
+        return pd.DataFrame(columns=["method", "top_k", "removed", "keep", "value"])
+    rows = table[table["eval_task"] == task].dropna(subset=[column])
+    full = rows[rows["method"] == "full"]
+    if full.empty:  # both table writers evaluate the unpruned model first; without it there is no axis
+        return pd.DataFrame(columns=["method", "top_k", "removed", "keep", "value"])
+    n = int(full["keep"].max())
+    points = rows[rows["method"] != "full"].groupby(["method", "top_k", "keep"], as_index=False)[column].mean()
+    starts = points[["method", "top_k"]].drop_duplicates().assign(keep=n, **{column: full[column].mean()})
+    points = pd.concat([starts, points])
+    points["removed"] = 1 - points["keep"] / n
+    return points.rename(columns={column: "value"}).sort_values(["method", "top_k", "removed"]).reset_index(drop=True)
+
+

@@ -1,0 +1,151 @@
+"""What every page shares: the loaded model and its workbench (cached once per server), the active
+profile and its aggregates (cached by file), the user's choices (session state), and error display.
+
+Pages call these and render; every computation is a call into ``core``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import streamlit as st
+
+from core import aggregate
+from core.errors import MoEScopeError
+from core.model import MoEModel, load_model
+from core.profile import Profile
+from core.profiling import profile_texts
+from core.tasks import get_task_spec, list_sample_tasks, task_texts
+from core.workbench import Workbench
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_MODEL = REPO / "sample_data" / "model"
+
+
+def home() -> Path:
+    """Where the dashboard writes (profiles, search states, default exports): $MOESCOPE_HOME/dashboard or runs/."""
+    return Path(os.environ.get("MOESCOPE_HOME", REPO / "runs")) / "dashboard"
+
+AUTO_PROFILE_MAX_PARAMS = 200_000_000  # profile the sample tasks unasked only for models this small
+AUTO_PROFILE = {"split": "validation", "limit": 100}
+
+
+# ----- errors ---------------------------------------------------------------------------------------
+@contextmanager
+def shown_errors(what: str) -> Iterator[None]:
+    """Show a failure as a message on the page instead of a traceback; the rest of the page keeps working.
+    Streamlit's own rerun/stop signals are BaseExceptions and pass through."""
+    try:
+        yield
+    except MoEScopeError as exc:
+        st.error(f"{what}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - an unexpected failure must not take the app down
+        st.error(f"{what} failed: {type(exc).__name__}: {exc}")
+
+
+# ----- model ----------------------------------------------------------------------------------------
+def model_settings() -> dict[str, Any]:
+    return st.session_state.setdefault("model_settings", {"source": str(SAMPLE_MODEL), "dtype": "auto",
+                                                          "device": "cpu", "trust_remote_code": False})
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the model…")
+def _load(source: str, dtype: str, device: str, trust_remote_code: bool) -> MoEModel:
+    return load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+@st.cache_resource(max_entries=2, show_spinner=False)
+def _workbench(source: str, dtype: str, device: str, trust_remote_code: bool) -> Workbench:
+    return Workbench(_load(source, dtype, device, trust_remote_code), state_dir=home() / "searches")
+
+
+def load(settings: dict[str, Any]) -> MoEModel:
+    return _load(settings["source"], settings["dtype"], settings["device"], settings["trust_remote_code"])
+
+
+def current_model() -> MoEModel | None:
+    """The model chosen on the Model page (the sample model by default), or None with a message shown."""
+    settings = model_settings()
+    try:
+        return load(settings)
+    except MoEScopeError as exc:
+        st.error(f"Could not load {settings['source']}: {exc} Choose another model on the Model page.")
+        return None
+
+
+def workbench() -> Workbench:
+    s = model_settings()
+    return _workbench(s["source"], s["dtype"], s["device"], s["trust_remote_code"])
+
+
+# ----- tasks ----------------------------------------------------------------------------------------
+def task_choices() -> list[str]:
+    """The bundled sample tasks plus any task specs the user added on the Model page."""
+    return list_sample_tasks() + st.session_state.setdefault("extra_tasks", [])
+
+
+def task_label(task: str) -> str:
+    return get_task_spec(task).name if os.sep in task else task
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def texts_of(task: str, split: str, limit: int | None) -> list[str]:
+    return task_texts(task, split, limit)
+
+
+# ----- profile --------------------------------------------------------------------------------------
+def default_profile_path(mm: MoEModel) -> Path:
+    return home() / "profiles" / f"{mm.weights_digest()[:16]}-sample-tasks.parquet"
+
+
+def record_profile(mm: MoEModel, tasks: list[str], split: str, limit: int | None, out: Path,
+                   progress: Callable[[int, int, float], None] | None = None) -> Path:
+    """Profile ``tasks`` (texts of one split) into ``out`` and make it the active profile."""
+    texts = {task_label(t): texts_of(t, split, limit) for t in tasks}
+    path = profile_texts(mm, texts, out, batch_size=16, progress=progress or False)
+    st.session_state["profile_path"] = str(path)
+    return path
+
+
+def active_profile(mm: MoEModel, auto: bool = True) -> Profile | None:
+    """The profile chosen on the Profile page, else this model's default profile of the sample tasks
+    (recorded now, with a progress bar, when the model is small enough and ``auto``), else None."""
+    chosen = st.session_state.get("profile_path")
+    try:
+        if chosen:
+            profile = open_profile(chosen)
+            profile.meta.require_model(mm.weights_digest(), mm.source)
+            return profile
+        path = default_profile_path(mm)
+        if not path.exists():
+            if not auto or mm.info().total_params > AUTO_PROFILE_MAX_PARAMS:
+                st.info("No routing profile yet: record one on the **Profile** page.")
+                return None
+            bar = st.progress(0.0, text="Recording routing on the sample tasks (first visit only)…")
+            record_profile(mm, list_sample_tasks(), AUTO_PROFILE["split"], AUTO_PROFILE["limit"], path,
+                           lambda done, total, rate: bar.progress(done / total, text=f"Profiling: {done:,}/{total:,} "
+                                                                  f"tokens, {rate:,.0f} tokens/s"))
+            bar.empty()
+        st.session_state["profile_path"] = str(path)
+        return open_profile(str(path))
+    except MoEScopeError as exc:
+        st.error(f"Profile: {exc}")
+        return None
+
+
+def open_profile(path: str) -> Profile:
+    return Profile(path)
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _aggregate(name: str, path: str, mtime: float, *args: Any) -> Any:
+    return getattr(aggregate, name)(Profile(path), *args)
+
+
+def aggregated(profile: Profile, name: str, *args: Any) -> Any:
+    """``core.aggregate.<name>(profile, *args)``, cached by the profile file (path and modification time)."""
+    return _aggregate(name, str(profile.path), profile.path.stat().st_mtime, *args)

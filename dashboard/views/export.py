@@ -1,0 +1,62 @@
+"""Export: download the plan, or write the pruned (and merged) checkpoint that plain transformers loads."""
+
+import json
+
+import streamlit as st
+
+from core.errors import MoEScopeError
+from core.export import directory_bytes, export_pruned
+from core.plan import Plan, validate_plan
+from dashboard import state
+
+st.title("Export")
+mm = state.current_model()
+if mm is None:
+    st.stop()
+
+upload = st.file_uploader("Use a saved plan instead (plan JSON)", type=["json"])
+if upload is not None and upload.file_id != st.session_state.get("plan_upload"):
+    try:
+        try:
+            data = json.loads(upload.getvalue())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MoEScopeError(f"{upload.name} is not a MoEScope plan: it is not valid JSON ({exc}).") from None
+        plan = Plan.from_dict(data)
+        validate_plan(plan, mm.routing_spec())
+    except MoEScopeError as exc:
+        st.error(f"Could not use {upload.name}: {exc}")
+    else:
+        st.session_state["plan"] = plan
+        st.session_state["plan_upload"] = upload.file_id
+
+plan = st.session_state.get("plan")
+if plan is None:
+    st.info("No plan yet: choose one on the **Prune** page, or upload a plan JSON above.")
+    st.stop()
+
+method = plan.extra.get("method", "custom")
+kept = {layer: len(experts) for layer, experts in plan.layers.items()}
+st.subheader(f"Plan {plan.digest()[:12]} · {method}")
+st.markdown(f"Experts kept per MoE layer: **{', '.join(f'{l}: {c}' for l, c in kept.items()) or f'all {mm.n_experts}'}**"
+            f" of {mm.n_experts} · top-k **{plan.top_k or mm.top_k}**"
+            f"{' · merged experts' if plan.merge else ''}{' · dynamic skipping' if plan.dynamic_skip else ''}")
+st.download_button("Download plan JSON", plan.to_json(), file_name=f"plan-{method}-{plan.digest()[:8]}.json",
+                   mime="application/json", type="primary")
+
+st.divider()
+st.subheader("Write the pruned checkpoint")
+default = state.home() / "exports" / f"{method}-keep{min(kept.values(), default=mm.n_experts)}-{plan.digest()[:8]}"
+out = st.text_input("Output directory (a new directory; the source model is never touched)", value=str(default))
+overwrite = st.checkbox("Replace the directory if it exists")
+if st.button("Export checkpoint"):
+    with st.status("Exporting…", expanded=True) as status:
+        try:
+            path = export_pruned(mm, plan, out, overwrite=overwrite, progress=st.write)
+        except MoEScopeError as exc:
+            status.update(label="Export failed", state="error")
+            st.error(str(exc))
+        else:
+            status.update(label="Exported", state="complete")
+            st.success(f"Wrote {path} ({directory_bytes(path) / 2**20:.1f} MiB).")
+            st.code(f'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("{path}")',
+                    language="python")

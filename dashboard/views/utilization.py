@@ -1,0 +1,98 @@
+"""Utilization: expert share per layer × expert for a task, the difference between two tasks, entropy and
+imbalance per layer, co-activation; click a square to see what that expert reads."""
+
+import html
+
+import streamlit as st
+
+from dashboard import charts, state
+
+st.title("Expert utilization")
+mm = state.current_model()
+profile = state.active_profile(mm) if mm is not None else None
+if profile is None:
+    st.stop()
+
+usage = state.aggregated(profile, "expert_usage")
+tasks = sorted(usage["task"].unique())
+layers = profile.meta.layers
+VALUES = {"share": ("Share of top-k slots", ".1%"), "weight_share": ("Share of gate weight", ".1%"),
+          "count": ("Token count", ",.0f")}
+st.session_state.setdefault("focus_layer", layers[0])
+st.session_state.setdefault("focus_expert", 0)
+
+
+def select_cell() -> None:
+    """A click on a square picks that layer and expert for the panels below."""
+    cells = [p for p in st.session_state["usage_grid"].selection.points if p.get("customdata")]
+    if cells:  # overlay markers (the outline of the current choice) carry no cell data
+        layer, expert = cells[0]["customdata"][:2]
+        st.session_state["focus_layer"], st.session_state["focus_expert"] = int(layer), int(expert)
+
+
+c1, c2, c3 = st.columns([2, 2, 3])
+view = c1.radio("View", ["One task", "Difference between two tasks"], horizontal=False)
+task = c2.selectbox("Task", tasks, key="util_task")
+other = c2.selectbox("minus task", [t for t in tasks if t != task] or tasks, key="util_other",
+                     disabled=view == "One task")
+value = c3.radio("Value", list(VALUES), format_func=lambda v: VALUES[v][0], horizontal=True, key="util_value")
+
+focus = (st.session_state["focus_layer"], st.session_state["focus_expert"])
+if view == "One task":
+    cells = usage[usage["task"] == task]
+    label, fmt = VALUES[value]
+    fig = charts.expert_grid(cells.assign(v=cells[value]), "v", f"{label} · {task}", label, selected=focus,
+                             value_format=fmt)
+else:
+    a = usage[usage["task"] == task].set_index(["layer", "expert"])
+    b = usage[usage["task"] == other].set_index(["layer", "expert"])
+    column = "share" if value == "count" else value  # raw counts of different-sized tasks do not compare
+    cells = (a[column] - b[column]).rename("v").reset_index()
+    fig = charts.expert_grid(cells, "v", f"{VALUES[column][0]}: {task} minus {other}", "difference",
+                             diverging=True, selected=focus, value_format="+.1%")
+st.plotly_chart(fig, key="usage_grid", on_select=select_cell, selection_mode="points", width="content",
+                config={"displayModeBar": False})
+st.caption("Click a square to inspect that expert below. Dead experts (no tokens) show as the darkest squares.")
+
+if view != "One task":
+    jsd = state.aggregated(profile, "task_divergence")
+    pair = jsd[((jsd.task_a == task) & (jsd.task_b == other)) | ((jsd.task_a == other) & (jsd.task_b == task))]
+    st.dataframe(pair[["layer", "jsd_bits"]].rename(columns={"jsd_bits": "Jensen–Shannon divergence (bits)"}),
+                 hide_index=True)
+
+st.subheader("Selected expert")
+s1, s2, s3 = st.columns([1, 1, 2])
+layer = s1.selectbox("Layer", layers, key="focus_layer")
+expert = s2.selectbox("Expert", list(range(profile.meta.n_experts)), key="focus_expert")
+scope = s3.radio("Tokens from", ["this task", "all tasks"], horizontal=True, key="focus_scope")
+scope_task = task if scope == "this task" else None
+top = state.aggregated(profile, "expert_tokens", layer, expert, scope_task)
+if top.empty:
+    st.info(f"No token was routed to expert {expert} at layer {layer} here: a candidate for pruning.")
+else:
+    top = top.assign(token=[repr(t) for t in mm.token_texts(top["token_id"].tolist())])
+    t1, t2 = st.columns([2, 3])
+    t1.markdown(f"**Most frequent tokens** (layer {layer}, expert {expert})")
+    t1.dataframe(top[["token", "count", "fraction_of_token"]], hide_index=True,
+                 column_config={"fraction_of_token": st.column_config.ProgressColumn(
+                     "share of that token's occurrences", format="percent", min_value=0.0, max_value=1.0)})
+    t2.markdown("**Where it is the first choice** (token in bold)")
+    for snip in state.aggregated(profile, "expert_snippets", layer, expert, scope_task):
+        before, token, after = ("".join(mm.token_texts(ids)) for ids in (snip["before"], [snip["token"]], snip["after"]))
+        t2.html(f"<div style='font-family:monospace;margin:4px 0;white-space:pre-wrap'>"
+                f"<span style='color:#888'>{html.escape(snip['task'])} #{snip['example']}:</span> "
+                f"…{html.escape(before)}<b style='background:#ffe08a'>{html.escape(token)}</b>"
+                f"{html.escape(after)}…</div>")
+
+st.subheader("Per layer")
+stats = state.aggregated(profile, "layer_stats")
+l1, l2 = st.columns(2)
+l1.plotly_chart(charts.layer_lines(stats, "entropy_norm", "Routing entropy (1 = uniform)", "entropy / log2 E"),
+                config={"displayModeBar": False})
+l2.plotly_chart(charts.layer_lines(stats, "imbalance", "Load imbalance (max / mean tokens)", "max / mean"),
+                config={"displayModeBar": False})
+
+st.subheader("Co-activation")
+co_layer = st.selectbox("Layer", layers, key="co_layer")
+st.plotly_chart(charts.coactivation_matrix(state.aggregated(profile, "coactivation", co_layer, task), co_layer),
+                width="content", config={"displayModeBar": False})

@@ -1,0 +1,171 @@
+"""Every dashboard page under Streamlit's AppTest on the sample model: controls exist, moving them changes
+what is shown, and bad input becomes a message on the page (never an exception)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from core.model import load_model
+from core.profiling import profile_texts
+from tests.tiny_models import save_tiny, write_lm_task
+
+APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+SAMPLE = str(Path(__file__).resolve().parents[1] / "sample_data" / "model")
+
+
+@pytest.fixture()
+def app(tmp_path, monkeypatch) -> AppTest:
+    monkeypatch.setenv("MOESCOPE_HOME", str(tmp_path / "home"))
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.run()
+    assert not at.exception
+    return at
+
+
+def goto(at: AppTest, page: str) -> AppTest:
+    at.switch_page(f"views/{page}.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def metric(at: AppTest, label_start: str) -> str:
+    return next(m.value for m in at.metric if m.label.startswith(label_start))
+
+
+def plotly_values(value) -> list[float]:
+    """Plotly sends numpy arrays as {"dtype", "bdata": base64}; lists stay lists."""
+    if isinstance(value, dict):
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).tolist()
+    return list(value)
+
+
+def test_model_page_summarises_the_sample_model_and_survives_bad_paths(app, tmp_path):
+    assert metric(app, "Experts per layer") == "8"
+    assert metric(app, "Top-k") == "2"
+    assert metric(app, "MoE layers") == "4"
+    assert {"qa", "arithmetic", "code", "prose", "qa_choice"} <= set(app.dataframe[0].value["task"])
+
+    app.text_input[0].input(str(tmp_path / "nowhere"))  # a form: submitted with its button
+    app.button[0].click().run()
+    assert not app.exception
+    assert any("No model directory" in e.value for e in app.error)
+    assert metric(app, "Experts per layer") == "8"  # the sample model stays loaded
+
+    llama = AutoConfig.for_model("llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(llama).save_pretrained(tmp_path / "dense")
+    app.text_input[0].input(str(tmp_path / "dense"))
+    app.button[0].click().run()
+    assert any("not a supported MoE family" in e.value for e in app.error)
+
+    save_tiny(tmp_path / "tiny")  # another MoE model loads and replaces the summary
+    app.text_input[0].input(str(tmp_path / "tiny"))
+    app.button[0].click().run()
+    assert not app.exception and not app.error
+    assert metric(app, "MoE layers") == "2"
+
+    app.text_input[1].input(str(tmp_path / "no-task"))
+    app.button[1].click().run()
+    assert any("unknown task" in e.value for e in app.error)
+
+
+def test_profile_page_records_loads_and_refuses_foreign_profiles(app, tmp_path):
+    goto(app, "profile")
+    assert metric(app, "Tasks") == "5"  # the first visit recorded the sample tasks
+    app.multiselect[0].set_value(["qa"]).run()
+    app.number_input[0].set_value(3).run()
+    app.button[0].click().run()
+    assert not app.error
+    assert metric(app, "Tasks") == "1"
+
+    (tmp_path / "not-a-profile.parquet").write_text("hello")
+    app.text_input[0].input(str(tmp_path / "not-a-profile.parquet")).run()
+    app.button[1].click().run()
+    assert any("no sidecar" in e.value for e in app.error)
+
+    tiny = load_model(save_tiny(tmp_path / "tiny"))
+    foreign = profile_texts(tiny, {"t": ["some text", "more text"]}, tmp_path / "foreign.parquet", progress=False)
+    app.text_input[0].input(str(foreign)).run()
+    app.button[1].click().run()
+    assert any("not from the loaded model" in e.value for e in app.error)
+    assert metric(app, "Tasks") == "1"  # the active profile is unchanged
+
+
+def test_utilization_controls_change_the_views(app):
+    goto(app, "utilization")
+
+    def grid() -> list[float]:
+        return plotly_values(json.loads(app.get("plotly_chart")[0].proto.spec)["data"][0]["marker"]["color"])
+
+    share = grid()
+    app.radio(key="util_value").set_value("count").run()
+    counts = grid()
+    assert counts != share and max(counts) > 1 >= max(share)
+    app.radio[0].set_value("Difference between two tasks").run()
+    assert min(grid()) < 0 < max(grid())  # shares of two tasks differ both ways
+    assert "Jensen" in app.dataframe[0].value.columns[1]
+
+    def top_tokens() -> list[str]:
+        return list(next(d for d in app.dataframe if "token" in d.value.columns).value["token"])
+
+    app.radio[0].set_value("One task").run()
+    before = top_tokens()
+    app.selectbox(key="focus_expert").set_value(5).run()
+    app.selectbox(key="focus_layer").set_value(2).run()
+    assert top_tokens() != before
+    assert any("layer 2, expert 5" in m.value for m in app.markdown)
+
+
+def test_tokens_page_colours_tokens_and_reports_consecutive_rate(app):
+    goto(app, "tokens")
+    html = [h.proto.body for h in app.get("html")]
+    assert any("expert" in body and "border-bottom" in body for body in html)
+    label = "Same first-choice expert"
+    last = metric(app, label)
+    app.select_slider(key="tok_layer").set_value(0).run()
+    assert metric(app, label) != last
+    assert metric(app, "Chance level") == "12.5%"
+
+
+def test_prune_page_updates_when_the_ratio_moves_and_reports_failures(app, tmp_path):
+    goto(app, "prune")
+    app.selectbox(key="prune_calibration").set_value("qa").run()
+    app.multiselect(key="prune_tasks").set_value(["qa", "arithmetic"]).run()
+    app.select_slider(key="prune_limit").set_value(25).run()
+    at_half = metric(app, "qa · exact_match"), metric(app, "Parameters")
+    app.select_slider(key="prune_keep").set_value(2).run()
+    at_quarter = metric(app, "qa · exact_match"), metric(app, "Parameters")
+    assert at_quarter[1] != at_half[1] and at_quarter != at_half
+    assert app.session_state["plan"].layers[0].__len__() == 2
+
+    app.selectbox(key="prune_method").set_value("eep").run()
+    assert any(b.label.startswith("Run EEP") for b in app.button)  # searches wait for a click
+
+    broken = write_lm_task(tmp_path / "broken", ["x"], splits=("calibration",))  # no test split
+    app.session_state["extra_tasks"] = [str(broken)]
+    app.selectbox(key="prune_method").set_value("frequency").run()
+    app.multiselect(key="prune_tasks").set_value(["qa", str(broken)]).run()
+    assert not app.exception
+    assert any("Evaluation" in e.value for e in app.error)
+
+
+def test_export_page_writes_the_checkpoint_and_refuses_an_existing_directory(app, tmp_path):
+    goto(app, "export")
+    assert any("No plan yet" in i.value for i in app.info)
+    goto(app, "prune")  # makes the default plan (frequency, 4 of 8)
+    goto(app, "export")
+    out = tmp_path / "pruned"
+    app.text_input[0].input(str(out)).run()
+    app.button[0].click().run()
+    assert any(f"Wrote {out}" in s.value for s in app.success)
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_local_experts == 4
+    app.button[0].click().run()
+    assert not app.exception
+    assert any("exists" in e.value for e in app.error)
