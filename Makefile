@@ -19,13 +19,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The main job. Until the dashboard lands: the bundled model, its scores, and a pruned plan's scores.
-MS := $(VENV)/bin/moescope
+# The main job: the dashboard on the bundled sample model, at http://localhost:8501 (bound to localhost by
+# .streamlit/config.toml). Another model: make run MODEL=path/or/hub-id
+MODEL ?=
 run: $(STAMP)
-	$(MS) info sample_data/model
-	$(MS) evaluate sample_data/model --task qa --task arithmetic --task qa_choice --task code --task prose
-	$(MS) prune sample_data/model --method frequency --ratio 0.5 --task qa --out runs/plan-frequency-qa.json --overwrite
-	$(MS) evaluate sample_data/model --task qa --plan runs/plan-frequency-qa.json
+	MOESCOPE_MODEL="$(MODEL)" $(PY) -m streamlit run dashboard/app.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/profile_overhead.py

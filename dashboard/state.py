@@ -49,7 +49,8 @@ def shown_errors(what: str) -> Iterator[None]:
 
 # ----- model ----------------------------------------------------------------------------------------
 def model_settings() -> dict[str, Any]:
-    return st.session_state.setdefault("model_settings", {"source": str(SAMPLE_MODEL), "dtype": "auto",
+    source = os.environ.get("MOESCOPE_MODEL") or str(SAMPLE_MODEL)  # `make run MODEL=...` sets it
+    return st.session_state.setdefault("model_settings", {"source": source, "dtype": "auto",
                                                           "device": "cpu", "trust_remote_code": False})
 
 

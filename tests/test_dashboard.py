@@ -146,7 +146,15 @@ def test_prune_page_updates_when_the_ratio_moves_and_reports_failures(app, tmp_p
     assert app.session_state["plan"].layers[0].__len__() == 2
 
     app.selectbox(key="prune_method").set_value("eep").run()
-    assert any(b.label.startswith("Run EEP") for b in app.button)  # searches wait for a click
+    assert not app.get("plotly_chart") and not any(m.label == "Parameters" for m in app.metric)
+    run = next(b for b in app.button if b.label.startswith("Run EEP"))  # searches wait for a click
+    for key, value in {"search_limit": 8, "eep_population": 2, "eep_offspring": 2, "eep_generations": 1}.items():
+        app.number_input(key=key).set_value(value)
+    run.click().run()
+    assert not app.exception and not app.error
+    plan = app.session_state["plan"]
+    assert plan.extra["method"] == "eep" and plan.extra["calibration"]["limit"] == 8
+    assert len(plan.layers[0]) == 2 and metric(app, "Parameters") == at_quarter[1]
 
     broken = write_lm_task(tmp_path / "broken", ["x"], splits=("calibration",))  # no test split
     app.session_state["extra_tasks"] = [str(broken)]

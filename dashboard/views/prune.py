@@ -25,25 +25,31 @@ n, k = mm.n_experts, mm.top_k
 tasks = state.task_choices()
 
 
-def search_params(method: str) -> tuple:
-    """Search settings for the slow methods, in an expander (defaults suit the sample model)."""
-    if method == "eep":
-        with st.expander("EEP search settings"):
-            c = st.columns(4)
-            return (("population", c[0].number_input("population", 2, 64, 6)),
-                    ("offspring", c[0].number_input("offspring", 2, 64, 6)),
-                    ("generations", c[1].number_input("pruning generations", 1, 100, 5)),
-                    ("merge_generations", c[2].number_input("merging generations (0 = prune only)", 0, 100, 0)),
-                    ("seed", c[3].number_input("seed", 0, 10_000, 0)))
+def search_settings(method: str) -> tuple[tuple, int | None]:
+    """(method parameters, calibration examples) for the methods that have settings; defaults suit the
+    sample model."""
     if method == "random":
-        return (("seed", st.number_input("seed", 0, 10_000, 0)),)
-    return ()
+        return (("seed", st.number_input("seed", 0, 10_000, 0, key="random_seed")),), None
+    if method not in SEARCH_METHODS:
+        return (), None
+    with st.expander("Search settings"):
+        c = st.columns(4)
+        limit = c[0].number_input("calibration examples", 1, 10_000, 64, key="search_limit")
+        if method != "eep":
+            return (), int(limit)
+        return (("population", c[1].number_input("population", 2, 64, 6, key="eep_population")),
+                ("offspring", c[1].number_input("offspring", 2, 64, 6, key="eep_offspring")),
+                ("generations", c[2].number_input("pruning generations", 1, 100, 5, key="eep_generations")),
+                ("merge_generations", c[2].number_input("merging generations (0 = prune only)", 0, 100, 0,
+                                                        key="eep_merge_generations")),
+                ("seed", c[3].number_input("seed", 0, 10_000, 0, key="eep_seed"))), int(limit)
 
 
 @st.fragment
 def bench_panel() -> None:
     c1, c2, c3 = st.columns([3, 3, 2])
-    method = c1.selectbox("Method", list(METHODS), format_func=LABELS.get, key="prune_method")
+    method = c1.selectbox("Method", list(METHODS), index=list(METHODS).index("frequency"), format_func=LABELS.get,
+                          key="prune_method")
     keep = c2.select_slider("Experts kept per layer", options=list(range(k, n + 1)), value=max(k, n // 2),
                             format_func=lambda e: f"{e} of {n} ({1 - e / n:.0%} removed)", key="prune_keep",
                             disabled=method == "top_k")
@@ -56,9 +62,10 @@ def bench_panel() -> None:
                               key="prune_tasks")
     limit = c6.select_slider("Test examples per task", LIMITS, value=100, key="prune_limit",
                              format_func=lambda v: "all" if v == 0 else str(v))
-    params = search_params(method)
+    params, calibration_limit = search_settings(method)
     request = PlanRequest(method, calibration, keep=None if method == "top_k" else keep,
-                          ratio=0.0 if method == "top_k" else None, top_k=top_k, params=params)
+                          ratio=0.0 if method == "top_k" else None, top_k=top_k,
+                          calibration_limit=calibration_limit, params=params)
 
     plan = None
     with state.shown_errors("Making the plan"):
@@ -97,8 +104,9 @@ def show_result(plan, result) -> None:
     rest = cols[len(heads):]
     rest[0].metric("Parameters", f"{cost['total_params'] / 1e6:.2f} M",
                    f"{cost['total_params'] / cost['total_params_full'] - 1:+.0%}", delta_color="inverse")
-    rest[1].metric("Active per token", f"{cost['active_params'] / 1e6:.2f} M",
-                   f"{cost['active_params'] / cost['active_params_full'] - 1:+.0%}", delta_color="inverse")
+    active = cost["active_params"] / cost["active_params_full"] - 1
+    rest[1].metric("Active per token", f"{cost['active_params'] / 1e6:.2f} M", f"{active:+.0%}" if active else None,
+                   delta_color="inverse")
     rest[2].metric("Weights", f"{cost['weight_bytes'] / 2**20:.1f} MiB")
     st.caption(f"Evaluated in {result.seconds:.2f} s · {cost['tokens_per_s']:,.0f} tokens/s masked "
                f"(full model {cost['tokens_per_s_full']:,.0f}); a masked model runs all experts' weights, so the "

@@ -17,7 +17,8 @@ examples = state.aggregated(profile, "profile_examples")
 layers = profile.meta.layers
 n_experts = profile.meta.n_experts
 c1, c2, c3 = st.columns([2, 2, 3])
-task = c1.selectbox("Task", sorted(examples["task"].unique()), key="tok_task")
+names = sorted(examples["task"].unique())
+task = c1.selectbox("Task", names, index=names.index("code") if "code" in names else 0, key="tok_task")
 ids = examples[examples["task"] == task]["example"].tolist()
 example = c2.selectbox("Example", ids, key="tok_example", format_func=lambda i: f"#{i}")
 layer = c3.select_slider("Layer", layers, value=layers[-1], key="tok_layer")

@@ -24,10 +24,10 @@ st.session_state.setdefault("focus_expert", 0)
 
 def select_cell() -> None:
     """A click on a square picks that layer and expert for the panels below."""
-    cells = [p for p in st.session_state["usage_grid"].selection.points if p.get("customdata")]
-    if cells:  # overlay markers (the outline of the current choice) carry no cell data
-        layer, expert = cells[0]["customdata"][:2]
-        st.session_state["focus_layer"], st.session_state["focus_expert"] = int(layer), int(expert)
+    cells = [p for p in st.session_state["usage_grid"].selection.points if p.get("curve_number") == 0]
+    if cells:  # curve 0 is the grid; later curves are overlays (crosses, the outline of the current choice)
+        st.session_state["focus_layer"] = layers[int(cells[0]["y"])]  # rows are MoE layers in order
+        st.session_state["focus_expert"] = int(cells[0]["x"])
 
 
 c1, c2, c3 = st.columns([2, 2, 3])

@@ -1,0 +1,82 @@
+"""Dashboard latency in headless Chromium on the sample model (CPU), as a user feels it.
+
+* time to first render of each page: cold (first visit in a fresh server: includes loading the model and
+  recording the first profile) and warm (second visit);
+* seconds from a change of "experts kept" on the Prune page to updated metrics (the first metric's text
+  changes and the script has finished), median over steps to settings not seen before, and over returns to
+  settings already seen (served from the plan and result caches).
+
+    python benchmarks/dashboard_latency.py [--steps 6] [--out benchmarks/results/cpu_dashboard_latency.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.browser import ROOT, browser_page, streamlit_server, wait_for_app  # noqa: E402
+
+PAGES = {"Model & data": "Experts per layer", "Profile": "Active profile", "Utilization": "Selected expert",
+         "Tokens": "Chance level", "Prune": "Parameters", "Export": "Write the pruned checkpoint"}
+TIMEOUT = 300_000
+
+
+def visit(page, title: str) -> float:
+    start = time.perf_counter()
+    page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+    page.get_by_text(PAGES[title]).first.wait_for(timeout=TIMEOUT)
+    wait_for_app(page, TIMEOUT)
+    return time.perf_counter() - start
+
+
+def first_metric(page) -> str:
+    return page.get_by_test_id("stMetric").first.inner_text()
+
+
+def step(page, key: str) -> float:
+    """Press an arrow key on the focused "experts kept" slider; seconds until the metrics have updated."""
+    before = first_metric(page)
+    start = time.perf_counter()
+    page.keyboard.press(key)
+    page.wait_for_function("b => document.querySelector('[data-testid=\"stMetric\"]').innerText !== b && "
+                           "document.querySelector('[data-testid=\"stApp\"]').dataset.testScriptState === 'notRunning'",
+                           arg=before, timeout=TIMEOUT, polling=20)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_dashboard_latency.json"))
+    a = ap.parse_args()
+    home = tempfile.mkdtemp(prefix="moescope-bench-")
+    with browser_page(1400, 1000) as page, streamlit_server(ROOT / "dashboard" / "app.py", {"MOESCOPE_HOME": home}) as url:
+        start = time.perf_counter()
+        page.goto(url)
+        page.get_by_text(PAGES["Model & data"]).first.wait_for(timeout=TIMEOUT)
+        wait_for_app(page, TIMEOUT)
+        cold = {"Model & data": time.perf_counter() - start}
+        cold.update({title: visit(page, title) for title in list(PAGES)[1:]})
+        warm = {title: visit(page, title) for title in PAGES}
+        visit(page, "Prune")
+        page.get_by_test_id("stSlider").first.get_by_role("slider").focus()
+        # from 4 of 8: down to 2 (new), up to 8 (new), back down to 2 (seen)
+        new = [step(page, "ArrowLeft") for _ in range(2)] + [step(page, "ArrowRight") for _ in range(6)]
+        seen = [step(page, "ArrowLeft") for _ in range(6)]
+    result = {"first_render_cold_s": cold, "first_render_warm_s": warm,
+              "ratio_change_new_setting_s": new, "ratio_change_seen_setting_s": seen,
+              "median_new_s": statistics.median(new), "median_seen_s": statistics.median(seen),
+              "median_all_s": statistics.median(new + seen),
+              "setup": "sample model, CPU, Prune page defaults (frequency, calibration qa, evaluate qa on 100 test "
+                       "examples), headless Chromium 1400x1000"}
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
