@@ -28,6 +28,9 @@ from .tasks import TaskSpec, get_task_spec, load_task, render_example
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 _FULL_CACHE_BYTES = 512 * 2**20  # unpruned log-probs kept for agreement, at most this much per task
+# Model types whose cache is not a plain per-layer key/value cache that can be repeated per option (state-space
+# or linear-attention layers); their multiple-choice options are scored as whole prompt + option sequences.
+_NO_CACHE_REPEAT = {"jamba", "granitemoehybrid", "qwen3_next"}
 
 
 @dataclass
@@ -218,13 +221,7 @@ class Evaluator:
         """Next-token log-probs [B, T, V] of the sequences ``idx``, right-padded (positions start at 0)."""
         tok, model = self.mm.tokenizer, self.mm.model
         device = next(model.parameters()).device
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        width = max(len(seqs[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(idx):
-            ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
-            mask[row, :len(seqs[i])] = 1
+        ids, mask = _right_padded([seqs[i] for i in idx], tok.pad_token_id if tok.pad_token_id is not None else 0)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         return F.log_softmax(logits.float(), dim=-1).cpu()
 
@@ -233,6 +230,10 @@ class Evaluator:
                           tally: _Agreement | None = None) -> tuple[dict[str, float], int]:
         pairs = [(e, k) for e in range(len(examples)) for k in range(len(examples[e].scored))]
         seqs = [examples[e].prompt_ids + examples[e].scored[k] for e, k in pairs]
+        if spec.metric == "multiple_choice" and self._shares_prompts(examples):
+            logp_sum = self._score_options(examples, say, reference, tally)
+            tokens = sum(len(e.prompt_ids) + sum(map(len, e.scored)) for e in examples)
+            return self._choice_metrics(examples, pairs, logp_sum), tokens
         logp_sum = [0.0] * len(seqs)
         batches = self._batches(seqs)
         for done, idx in enumerate(batches, 1):
@@ -251,6 +252,10 @@ class Evaluator:
             n = sum(len(e.scored[0]) for e in examples)
             nll = -sum(logp_sum) / n
             return {"nll": nll, "perplexity": metrics.perplexity(nll)}, tokens
+        return self._choice_metrics(examples, pairs, logp_sum), tokens
+
+    @staticmethod
+    def _choice_metrics(examples: list[_Example], pairs: list[tuple[int, int]], logp_sum: list[float]) -> dict[str, float]:
         by_example: dict[int, list[tuple[float, int]]] = {}
         for (e, k), lp in zip(pairs, logp_sum):
             by_example.setdefault(e, []).append((lp, len(examples[e].scored[k])))
@@ -258,7 +263,52 @@ class Evaluator:
         chosen_norm = [metrics.choose_option([lp for lp, _ in v], [n for _, n in v]) for _, v in sorted(by_example.items())]
         labels = [e.label for e in examples]
         return {"accuracy": 100 * metrics.accuracy(chosen, labels),
-                "accuracy_norm": 100 * metrics.accuracy(chosen_norm, labels)}, tokens
+                "accuracy_norm": 100 * metrics.accuracy(chosen_norm, labels)}
+
+    def _shares_prompts(self, examples: list[_Example]) -> bool:
+        """Options can reuse their prompt's KV cache when every example has the same number of non-empty
+        options and the model's cache can be repeated per option."""
+        counts = {len(e.scored) for e in examples}
+        return (len(counts) == 1 and all(len(o) for e in examples for o in e.scored)
+                and self.mm.config.model_type not in _NO_CACHE_REPEAT)
+
+    def _score_options(self, examples: list[_Example], say: ProgressFn, reference: list[torch.Tensor] | None,
+                       tally: _Agreement | None) -> list[float]:
+        """Option log-likelihoods with each prompt run once: its KV cache is repeated for the options, which
+        then run together (about options-times fewer tokens than scoring prompt + option sequences)."""
+        model = self.mm.model
+        device = next(model.parameters()).device
+        pad = self.mm.tokenizer.pad_token_id if self.mm.tokenizer.pad_token_id is not None else 0
+        n_opt = len(examples[0].scored)
+        out = [0.0] * (len(examples) * n_opt)
+        batches = self._batches([e.prompt_ids for e in examples])
+        for done, idx in enumerate(batches, 1):
+            plen = torch.tensor([len(examples[i].prompt_ids) for i in idx])
+            ids, mask = _right_padded([examples[i].prompt_ids for i in idx], pad)
+            first = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
+            prompt_logp = F.log_softmax(first.logits.float(), dim=-1).cpu()
+            cache = first.cache
+            cache.batch_repeat_interleave(n_opt)
+            options = [o for i in idx for o in examples[i].scored]
+            opt_ids, opt_mask = _right_padded(options, pad)
+            positions = plen.repeat_interleave(n_opt)[:, None] + torch.arange(opt_ids.size(1))[None]
+            full_mask = torch.cat([mask.repeat_interleave(n_opt, 0), opt_mask], dim=1)
+            second = model(input_ids=opt_ids.to(device), attention_mask=full_mask.to(device),
+                           position_ids=positions.to(device), cache=cache, use_cache=False)
+            opt_logp = F.log_softmax(second.logits.float(), dim=-1).cpu()
+            for row, i in enumerate(idx):
+                p = int(plen[row])
+                for k, option in enumerate(examples[i].scored):
+                    r = row * n_opt + k
+                    target = torch.tensor(option)
+                    # the prompt's last position predicts the option's first token; the option's own
+                    # positions predict the rest
+                    steps = torch.cat([prompt_logp[row, p - 1:p], opt_logp[r, :len(option) - 1]])
+                    out[i * n_opt + k] = float(steps[torch.arange(len(option)), target].sum())
+                    if reference is not None and tally is not None and k == max(examples[i].label, 0):
+                        tally.add(reference[i], torch.cat([prompt_logp[row, :p], opt_logp[r, :len(option) - 1]]))
+            say("scoring", done, len(batches))
+        return out
 
     # ----- agreement with the unpruned model --------------------------------------------------
     def _reference(self, key: tuple, examples: list[_Example], say: ProgressFn) -> list[torch.Tensor] | None:
@@ -296,6 +346,17 @@ class Evaluator:
                 length = len(seqs[i]) - 1
                 tally.add(reference[i] if reference is not None else full[row, :length], pruned[row, :length])
             say("comparing", done, len(batches))
+
+
+def _right_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) [B, T] of right-padded sequences."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)] = torch.tensor(s)
+        mask[row, :len(s)] = 1
+    return ids, mask
 
 
 @dataclass

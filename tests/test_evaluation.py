@@ -8,12 +8,13 @@ import json
 import pytest
 import torch
 
+from core import evaluation
 from core.evaluation import Evaluator, evaluate, plan_cost
 from core.model import MoEModel, load_model
 from core.plan import Plan
 from core.tasks import TaskSpec
 
-from .tiny_models import save_tiny
+from .tiny_models import FAMILIES, save_tiny
 
 PROMPTS = ["ab", "hello wor", "x", "the cat sat on t", "12+3=", "zz top"]
 PLAN = Plan(layers={0: [0, 1, 2, 3], 1: [4, 5, 6, 7]})
@@ -145,3 +146,30 @@ def test_agreement_is_the_same_with_or_without_the_cached_reference(mm, tmp_path
     separate = Evaluator(mm, batch_size=3).evaluate(spec, plan=PLAN)
     assert separate.agreement == pytest.approx(cached.agreement, rel=1e-6)
     assert separate.metrics == pytest.approx(cached.metrics, rel=1e-6)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_options_scored_on_a_shared_prompt_cache_equal_whole_sequences(model_type, tmp_path, monkeypatch):
+    """Multiple choice runs each prompt once and repeats its KV cache per option; scores and agreement must
+    equal scoring every prompt + option sequence whole, in every family (where the cache allows it)."""
+    mm = load_model(save_tiny(tmp_path / model_type, model_type))
+    rows = [{"q": p, "options": ["cat", "dog!", "x y", "zebra"], "label": i % 4} for i, p in enumerate(PROMPTS)]
+    spec = write_task(tmp_path, "mc", rows, metric="multiple_choice", prompt_template="{q}",
+                      options_field="options", answer_field="label")
+    plan = Plan(layers={layer: list(range(mm.top_k, mm.n_experts)) for layer in mm.layer_indices})
+    shared = Evaluator(mm, batch_size=4)
+    calls = []
+    monkeypatch.setattr(Evaluator, "_score_options", _spy(Evaluator._score_options, calls))
+    fast = shared.evaluate(spec, plan=plan)
+    monkeypatch.setattr(Evaluator, "_shares_prompts", lambda self, examples: False)
+    whole = Evaluator(mm, batch_size=4).evaluate(spec, plan=plan)
+    assert calls or mm.config.model_type in evaluation._NO_CACHE_REPEAT
+    assert fast.metrics == pytest.approx(whole.metrics)
+    assert fast.agreement == pytest.approx(whole.agreement, rel=1e-4, abs=1e-6)
+
+
+def _spy(fn, calls):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return wrapper
