@@ -11,6 +11,7 @@ the correct option, or the text itself. Everything is deterministic; results are
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -86,15 +87,17 @@ class Evaluator:
         self._full_logprobs: dict[tuple, list[torch.Tensor]] = {}
         self._stop_ids: dict[str, torch.Tensor] = {}
         self._digest = mm.weights_digest()
+        self._cache_lock = threading.Lock()  # sessions sharing this evaluator read and fill the cache at once
 
     # ----- public -----------------------------------------------------------------------------
     def evaluate(self, task: TaskSpec | str, plan: Plan | None = None, split: str = "test", limit: int | None = None,
                  progress: ProgressFn | None = None, agreement: bool = True) -> EvalResult:
         spec = get_task_spec(task)
         key = (self._digest, spec.name, split, limit, plan.digest() if plan else None, agreement)
-        if key in self._results:
-            self._results.move_to_end(key)
-            return self._results[key]
+        with self._cache_lock:
+            if key in self._results:
+                self._results.move_to_end(key)
+                return self._results[key]
         examples = self._prepare(spec, split, limit)
         say = progress or (lambda *_: None)
         start = time.perf_counter()
@@ -102,6 +105,7 @@ class Evaluator:
         with self.mm.lock, torch.inference_mode():  # one evaluation at a time per model
             reference = self._reference((spec.name, split, limit), examples, say) if compare else None
             tally = _Agreement()
+            scoring = time.perf_counter()  # tokens/s counts the task's own forwards, not the reference's
             with masked(self.mm, plan):
                 if spec.metric in ("squad", "exact_match"):
                     predictions, tokens = self._generate(spec, examples, say)
@@ -109,18 +113,20 @@ class Evaluator:
                 else:  # the scoring forward also yields the agreement when the reference is cached
                     predictions = []
                     scores, tokens = self._score_likelihood(spec, examples, say, reference if compare else None, tally)
+            scoring = time.perf_counter() - scoring
             if compare and not tally.tokens:
                 self._agreement(examples, plan, reference, tally, say)
             seconds = time.perf_counter() - start
             agree = tally.result() if compare else {}
         cost = plan_cost(self.mm, plan)
-        cost["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+        cost["tokens_per_s"] = tokens / scoring if scoring > 0 else 0.0
         result = EvalResult(task=spec.name, split=split, metric_kind=spec.metric, n_examples=len(examples),
                             metrics=scores, agreement=agree, cost=cost, plan_digest=plan.digest() if plan else None,
                             seconds=seconds, predictions=predictions)
-        self._results[key] = result
-        while len(self._results) > self._cache_size:
-            self._results.popitem(last=False)
+        with self._cache_lock:
+            self._results[key] = result
+            while len(self._results) > self._cache_size:
+                self._results.popitem(last=False)
         return result
 
     # ----- data -------------------------------------------------------------------------------
@@ -269,8 +275,14 @@ class Evaluator:
         """Options can reuse their prompt's KV cache when every example has the same number of non-empty
         options and the model's cache can be repeated per option."""
         counts = {len(e.scored) for e in examples}
+        text = self.mm.config.get_text_config()
+        windowed = (getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
+                    or getattr(text, "attention_chunk_size", None)
+                    or any(t != "full_attention" for t in getattr(text, "layer_types", None) or ()))
+        # right-padded prompts leave a gap before the options, which a sliding window would count
         return (len(counts) == 1 and all(len(o) for e in examples for o in e.scored)
-                and self.mm.config.model_type not in _NO_CACHE_REPEAT)
+                and all(e.prompt_ids for e in examples)
+                and not windowed and self.mm.config.model_type not in _NO_CACHE_REPEAT)
 
     def _score_options(self, examples: list[_Example], say: ProgressFn, reference: list[torch.Tensor] | None,
                        tally: _Agreement | None) -> list[float]:
@@ -281,7 +293,10 @@ class Evaluator:
         pad = self.mm.tokenizer.pad_token_id if self.mm.tokenizer.pad_token_id is not None else 0
         n_opt = len(examples[0].scored)
         out = [0.0] * (len(examples) * n_opt)
-        batches = self._batches([e.prompt_ids for e in examples])
+        prompts = [e.prompt_ids for e in examples]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        size = max(1, self.batch_size // n_opt)  # the options pass holds batch_size rows, as other passes do
+        batches = [order[lo:lo + size] for lo in range(0, len(order), size)]
         for done, idx in enumerate(batches, 1):
             plen = torch.tensor([len(examples[i].prompt_ids) for i in idx])
             ids, mask = _right_padded([examples[i].prompt_ids for i in idx], pad)

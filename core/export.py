@@ -68,11 +68,12 @@ def build_pruned_model(mm: MoEModel, plan: Plan, device: str | torch.device = "c
     from transformers import AutoModelForCausalLM
 
     validate_plan(plan, mm.routing_spec(), for_export=True)
-    state = pruned_state_dict(mm, plan)
     dtype = next(mm.model.parameters()).dtype
     with torch.device(device):
         pruned = AutoModelForCausalLM.from_config(pruned_config(mm, plan), dtype=dtype)
-    pruned.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+    with mm.lock:  # another thread's merging plan writes expert weights in place while it evaluates
+        state = pruned_state_dict(mm, plan)
+        pruned.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
     return pruned.eval()
 
 

@@ -108,10 +108,16 @@ class MoEModel:
         )
 
     def token_texts(self, ids: list[int]) -> list[str]:
-        """Each token id as the text it stands for, for showing routed tokens one by one."""
+        """The text each token adds to the sequence, for showing routed tokens one by one. Decoded
+        incrementally, so SentencePiece word-start spaces and multi-byte characters come out right."""
         if self.tokenizer is None:
             return [f"<{i}>" for i in ids]
-        return [self.tokenizer.decode([i]) for i in ids]
+        pieces, previous = [], ""
+        for end in range(1, len(ids) + 1):
+            text = self.tokenizer.decode(ids[:end])
+            pieces.append(text[len(previous):] if text.startswith(previous) else self.tokenizer.decode(ids[end - 1:end]))
+            previous = text
+        return pieces
 
     def weights_digest(self) -> str:
         """sha256 of every MoE router's weights: cheap, and changes whenever routing could."""

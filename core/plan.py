@@ -39,6 +39,10 @@ class Plan:
         """Kept experts of a layer in ascending order (the order physical pruning renumbers them in)."""
         return sorted(self.layers.get(layer, range(n_experts)))
 
+    def experts_kept(self, n_experts: int) -> int:
+        """Experts kept per MoE layer (the fewest over layers); all of them for a plan that only changes top-k."""
+        return min((len(kept) for kept in self.layers.values()), default=n_experts)
+
     @property
     def dynamic_skip(self) -> dict[int, float]:
         """NAEE dynamic skipping thresholds per layer (``extra["dynamic_skip"]``): at inference a chosen

@@ -71,11 +71,11 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     warmup_steps: int = 100
     weight_decay: float = 0.1
-    max_steps: int = 6000
+    max_steps: int = 7000
     minutes: float = 40.0
     answer_weight: float = 5.0  # loss weight on answer + stop tokens of qa/arithmetic documents
     # by document draws (qa documents are long, arithmetic ones short; gaps are topped up with arithmetic)
-    mixture: dict[str, float] = field(default_factory=lambda: {"qa": 0.60, "arithmetic": 0.20, "code": 0.12, "prose": 0.08})
+    mixture: dict[str, float] = field(default_factory=lambda: {"qa": 0.55, "arithmetic": 0.28, "code": 0.10, "prose": 0.07})
     tokenizer_docs: int = 6000
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from .errors import MoEScopeError
 from .evaluation import EvalResult, Evaluator
 from .methods import Calibration, Target, make_method
 from .methods.base import ExpertScores, ProgressFn, ScoredMethod
@@ -62,10 +63,27 @@ class PlanRequest:
 class Comparison:
     """A plan's scores next to the unpruned model's, task by task, with what it saves."""
 
-    table: pd.DataFrame  # task, metric, headline, full, pruned, delta, better ("higher"/"lower")
+    table: pd.DataFrame  # task, metric, headline, full, pruned, delta, better ("higher"/"lower"), examples
     agreement: pd.DataFrame  # task, top1_agreement, mean_kl
     cost: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+
+
+@dataclass
+class SearchJob:
+    """A search running on a background thread, so the page stays responsive and *Stop* is heard at once."""
+
+    request: PlanRequest
+    stop: threading.Event = field(default_factory=threading.Event)
+    message: str = "starting"
+    fraction: float = 0.0
+    plan: Plan | None = None  # the result; a stopped EEP search leaves its best so far here
+    error: str | None = None
+    thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
 
 
 class Workbench:
@@ -76,19 +94,43 @@ class Workbench:
         self.evaluator = Evaluator(mm, batch_size=batch_size)
         self.state_dir = Path(state_dir) if state_dir else None
         self.digest = mm.weights_digest()
-        self.history: list[dict[str, Any]] = []  # one sweep-table row per evaluated (plan, task)
+        self._history: dict[tuple, dict[str, Any]] = {}  # one sweep-table row per evaluated (plan, task, split, n)
         self._scores: dict[tuple, ExpertScores] = {}
+        self._calibrations: dict[tuple, Calibration] = {}
         self._plans: dict[str, Plan] = {}
-        self._lock = threading.RLock()
+        self._jobs: dict[str, SearchJob] = {}
+        self._lock = threading.Lock()  # guards the dictionaries and hands out per-key locks, never held long
+        self._key_locks: dict[tuple, threading.Lock] = {}
 
     def has_plan(self, request: PlanRequest) -> bool:
         return request.key() in self._plans
 
+    def feasible_keeps(self, top_k: int | None = None) -> list[int]:
+        """Every number of experts per layer a plan can keep (grouped routing rounds up to whole groups)."""
+        return sorted({Target(keep=e, top_k=top_k).experts_kept(self.mm)
+                       for e in range(top_k or self.mm.top_k, self.mm.n_experts + 1)})
+
+    def _key_lock(self, key: tuple) -> threading.Lock:
+        with self._lock:
+            return self._key_locks.setdefault(key, threading.Lock())
+
+    def _calibration(self, task: str, limit: int | None) -> Calibration:
+        """One Calibration per (task, limit): it holds the rows and their digest, read once."""
+        with self._key_lock(("calibration", task, limit)):
+            if (task, limit) not in self._calibrations:
+                calibration = Calibration.of(task, limit=limit)
+                calibration.digest()
+                self._calibrations[(task, limit)] = calibration
+            return self._calibrations[(task, limit)]
+
     def plan(self, request: PlanRequest, progress: ProgressFn | None = None,
              should_stop: Callable[[], bool] | None = None) -> Plan:
-        """The plan for ``request``, made once and then served from memory."""
+        """The plan for ``request``, made once and then served from memory. Different requests compute in
+        parallel (masking still serialises the forwards); the same request waits for the first to finish."""
         key = request.key()
-        with self._lock:
+        if key in self._plans:
+            return self._plans[key]
+        with self._key_lock(("plan", key)):
             if key in self._plans:
                 return self._plans[key]
             params = dict(request.params)
@@ -98,17 +140,44 @@ class Workbench:
                     self.state_dir.mkdir(parents=True, exist_ok=True)
                     params.setdefault("state_path", str(self.state_dir / f"eep-{self.digest[:12]}-{key}.json"))
             method = make_method(request.method, **params)
-            calibration = Calibration.of(request.calibration_task, limit=request.calibration_limit)
+            calibration = self._calibration(request.calibration_task, request.calibration_limit)
             if isinstance(method, ScoredMethod):
                 skey = (request.method, request.params, request.calibration_task, request.calibration_limit)
-                if skey not in self._scores:
-                    self._scores[skey] = method.expert_scores(self.mm, calibration, progress)
+                with self._key_lock(("scores", *skey)):
+                    if skey not in self._scores:
+                        self._scores[skey] = method.expert_scores(self.mm, calibration, progress)
                 plan = method.plan(self.mm, calibration, request.target, scores=self._scores[skey])
             else:
                 plan = method.plan(self.mm, calibration, request.target, progress=progress)
             if not plan.extra.get("cancelled"):  # a stopped search's best-so-far is shown, not cached
                 self._plans[key] = plan
             return plan
+
+    def search(self, request: PlanRequest) -> SearchJob:
+        """Start (or return the running) background search for ``request``; poll the job for progress."""
+        key = request.key()
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is not None and (job.running or job.error is None and job.plan is not None
+                                    and not job.plan.extra.get("cancelled")):
+                return job
+            job = self._jobs[key] = SearchJob(request)
+
+        def progress(message: str, fraction: float) -> None:
+            job.message, job.fraction = message, min(max(fraction, 0.0), 1.0)
+
+        def run() -> None:
+            try:
+                job.plan = self.plan(request, progress=progress, should_stop=job.stop.is_set)
+            except Exception as exc:  # noqa: BLE001 - shown to the user by whoever polls the job
+                job.error = str(exc) if isinstance(exc, MoEScopeError) else f"{type(exc).__name__}: {exc}"
+
+        job.thread = threading.Thread(target=run, name=f"moescope-search-{key}", daemon=True)
+        job.thread.start()
+        return job
+
+    def job(self, request: PlanRequest) -> SearchJob | None:
+        return self._jobs.get(request.key())
 
     def compare(self, plan: Plan | None, tasks: Sequence[str], split: str = "test", limit: int | None = None,
                 progress: Callable[[str, int, int], None] | None = None) -> Comparison:
@@ -121,8 +190,9 @@ class Workbench:
             pruned = self.evaluator.evaluate(spec, plan, split, limit, progress=progress) if plan else full
             for metric, value in full.metrics.items():
                 new = pruned.metrics[metric]
-                rows.append({"task": spec.name, "metric": metric, "headline": metric == HEADLINE_METRIC[spec.metric], "full": value, "pruned": new, "delta": new - value,
-                             "better": "lower" if metric in LOWER_IS_BETTER else "higher"})
+                rows.append({"task": spec.name, "metric": metric, "headline": metric == HEADLINE_METRIC[spec.metric],
+                             "full": value, "pruned": new, "delta": new - value,
+                             "better": "lower" if metric in LOWER_IS_BETTER else "higher", "examples": full.n_examples})
             self._record(full, None)
             if plan is not None:
                 self._record(pruned, plan)
@@ -149,10 +219,7 @@ class Workbench:
 
     def sweep_table(self) -> pd.DataFrame:
         """Everything evaluated so far, in the format of ``moescope sweep`` tables."""
-        if not self.history:
-            return pd.DataFrame()
-        return pd.DataFrame(self.history).drop_duplicates(["method", "keep", "top_k", "calibration_task", "seed",
-                                                           "eval_task", "split", "examples", "plan_digest"])
+        return pd.DataFrame(list(self._history.values()))
 
     def _record(self, result: EvalResult, plan: Plan | None) -> None:
         n = self.mm.n_experts
@@ -160,35 +227,42 @@ class Workbench:
             keys = {"method": "full", "keep": n, "top_k": self.mm.top_k, "seed": None, "calibration_task": None,
                     "search_seconds": 0.0, "forward_passes": 0}
         else:
-            keep = len(next(iter(plan.layers.values()))) if plan.layers else n
+            keep = plan.experts_kept(n)
             keys = {"method": plan.extra.get("method", "custom"), "keep": keep, "top_k": plan.top_k or self.mm.top_k,
                     "seed": plan.extra.get("seed"), "calibration_task": (plan.extra.get("calibration") or {}).get("task"),
                     "search_seconds": plan.extra.get("wall_time_s"), "forward_passes": plan.extra.get("forward_passes")}
         keys["ratio"] = 1 - keys["keep"] / n
-        self.history.append(result_row(result, **keys))
+        self._history[(result.plan_digest, result.task, result.split, result.n_examples)] = result_row(result, **keys)
 
 
 def headline_metric(task: str) -> str:
     return HEADLINE_METRIC[get_task_spec(task).metric]
 
 
-def tradeoff_points(tables: Sequence[pd.DataFrame], task: str, metric: str) -> pd.DataFrame:
-    """One line per method for a trade-off chart: fraction of experts removed vs ``metric`` on ``task``, from
-    sweep tables (``moescope sweep`` or :meth:`Workbench.sweep_table`); the unpruned model starts every line."""
+def tradeoff_points(tables: Sequence[pd.DataFrame], task: str, metric: str, split: str | None = None,
+                    examples: int | None = None) -> pd.DataFrame:
+    """One line per method and top-k for a trade-off chart: fraction of experts removed vs ``metric`` on
+    ``task``, from sweep tables (``moescope sweep`` or :meth:`Workbench.sweep_table`), counting only rows on
+    ``split`` with ``examples`` examples when given so that lines compare like with like. A line starts at the
+    unpruned model when its top-k is the model's."""
     column = f"metric_{metric}"
     frames = [t for t in tables if not t.empty]
+    empty = pd.DataFrame(columns=["method", "top_k", "removed", "keep", "value"])
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if table.empty or column not in table or "eval_task" not in table:
-        return pd.DataFrame(columns=["method", "top_k", "removed", "keep", "value"])
+        return empty
     rows = table[table["eval_task"] == task].dropna(subset=[column])
+    if split is not None:
+        rows = rows[rows["split"] == split]
+    if examples is not None:
+        rows = rows[rows["examples"] == examples]
     full = rows[rows["method"] == "full"]
     if full.empty:  # both table writers evaluate the unpruned model first; without it there is no axis
-        return pd.DataFrame(columns=["method", "top_k", "removed", "keep", "value"])
-    n = int(full["keep"].max())
+        return empty
+    n, model_top_k = int(full["keep"].max()), int(full["top_k"].iloc[0])
     points = rows[rows["method"] != "full"].groupby(["method", "top_k", "keep"], as_index=False)[column].mean()
-    starts = points[["method", "top_k"]].drop_duplicates().assign(keep=n, **{column: full[column].mean()})
-    points = pd.concat([starts, points])
+    lines = points[["method", "top_k"]].drop_duplicates()
+    starts = lines[lines["top_k"] == model_top_k].assign(keep=n, **{column: full[column].mean()})
+    points = pd.concat([starts, points]).drop_duplicates(["method", "top_k", "keep"], keep="last")
     points["removed"] = 1 - points["keep"] / n
     return points.rename(columns={column: "value"}).sort_values(["method", "top_k", "removed"]).reset_index(drop=True)
-
-

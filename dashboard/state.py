@@ -7,6 +7,7 @@ Pages call these and render; every computation is a call into ``core``.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,17 +56,14 @@ def model_settings() -> dict[str, Any]:
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model…")
-def _load(source: str, dtype: str, device: str, trust_remote_code: bool) -> MoEModel:
-    return load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-
-
-@st.cache_resource(max_entries=2, show_spinner=False)
 def _workbench(source: str, dtype: str, device: str, trust_remote_code: bool) -> Workbench:
-    return Workbench(_load(source, dtype, device, trust_remote_code), state_dir=home() / "searches")
+    """One loaded model (and its plan and result caches) per server, shared by every session."""
+    mm = load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return Workbench(mm, state_dir=home() / "searches")
 
 
 def load(settings: dict[str, Any]) -> MoEModel:
-    return _load(settings["source"], settings["dtype"], settings["device"], settings["trust_remote_code"])
+    return _workbench(settings["source"], settings["dtype"], settings["device"], settings["trust_remote_code"]).mm
 
 
 def current_model() -> MoEModel | None:
@@ -83,6 +81,12 @@ def workbench() -> Workbench:
     return _workbench(s["source"], s["dtype"], s["device"], s["trust_remote_code"])
 
 
+@st.cache_resource(show_spinner=False)
+def _path_lock(path: str) -> threading.Lock:
+    """One lock per profile path across sessions, so two sessions never record the same file at once."""
+    return threading.Lock()
+
+
 # ----- tasks ----------------------------------------------------------------------------------------
 def task_choices() -> list[str]:
     """The bundled sample tasks plus any task specs the user added on the Model page."""
@@ -90,7 +94,7 @@ def task_choices() -> list[str]:
 
 
 def task_label(task: str) -> str:
-    return get_task_spec(task).name if os.sep in task else task
+    return get_task_spec(task).name
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -120,22 +124,28 @@ def active_profile(mm: MoEModel, auto: bool = True) -> Profile | None:
         if chosen:
             profile = open_profile(chosen)
             profile.meta.require_model(mm.weights_digest(), mm.source)
-            return profile
-        path = default_profile_path(mm)
-        if not path.exists():
-            if not auto or mm.info().total_params > AUTO_PROFILE_MAX_PARAMS:
-                st.info("No routing profile yet: record one on the **Profile** page.")
-                return None
-            bar = st.progress(0.0, text="Recording routing on the sample tasks (first visit only)…")
-            record_profile(mm, list_sample_tasks(), AUTO_PROFILE["split"], AUTO_PROFILE["limit"], path,
-                           lambda done, total, rate: bar.progress(done / total, text=f"Profiling: {done:,}/{total:,} "
-                                                                  f"tokens, {rate:,.0f} tokens/s"))
-            bar.empty()
-        st.session_state["profile_path"] = str(path)
-        return open_profile(str(path))
+        else:
+            path = default_profile_path(mm)
+            with _path_lock(str(path)):
+                if not path.exists():
+                    if not auto or mm.info().total_params > AUTO_PROFILE_MAX_PARAMS:
+                        st.info("No routing profile yet: record one on the **Profile** page.")
+                        return None
+                    bar = st.progress(0.0, text="Recording routing on the sample tasks (first visit only)…")
+                    record_profile(mm, list_sample_tasks(), AUTO_PROFILE["split"], AUTO_PROFILE["limit"], path,
+                                   lambda done, total, rate: bar.progress(
+                                       done / total, text=f"Profiling: {done:,}/{total:,} tokens, {rate:,.0f} tokens/s"))
+                    bar.empty()
+            st.session_state["profile_path"] = str(path)
+            profile = open_profile(str(path))
     except MoEScopeError as exc:
+        st.session_state.pop("profile_path", None)  # fall back to the default profile next time
         st.error(f"Profile: {exc}")
         return None
+    if profile.meta.plan_digest:
+        st.warning(f"This profile was recorded under pruning plan {profile.meta.plan_digest[:12]}: it shows the "
+                   f"pruned model's routing, so experts the plan removed receive no tokens.")
+    return profile
 
 
 def open_profile(path: str) -> Profile:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,21 @@ def goto(at: AppTest, page: str) -> AppTest:
     at.switch_page(f"views/{page}.py").run()
     assert not at.exception, at.exception
     return at
+
+
+def until(at: AppTest, condition, timeout: float = 240) -> None:
+    """Rerun the app until ``condition()`` holds (a background search is running)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except (KeyError, StopIteration, AttributeError):
+            pass
+        assert time.monotonic() < deadline, "the page never reached the expected state"
+        time.sleep(0.5)
+        at.run()
+        assert not at.exception, at.exception
 
 
 def metric(at: AppTest, label_start: str) -> str:
@@ -147,14 +163,24 @@ def test_prune_page_updates_when_the_ratio_moves_and_reports_failures(app, tmp_p
 
     app.selectbox(key="prune_method").set_value("eep").run()
     assert not app.get("plotly_chart") and not any(m.label == "Parameters" for m in app.metric)
-    run = next(b for b in app.button if b.label.startswith("Run EEP"))  # searches wait for a click
-    for key, value in {"search_limit": 8, "eep_population": 2, "eep_offspring": 2, "eep_generations": 1}.items():
+    assert any(b.label.startswith("Run EEP") for b in app.button)  # searches wait for a click
+    settings = {"search_limit": 8, "eep_population": 2, "eep_offspring": 2, "eep_generations": 1}
+    for key, value in settings.items():
         app.number_input(key=key).set_value(value)
-    run.click().run()
-    assert not app.exception and not app.error
+    app.button(key="run_search").click().run()
+    until(app, lambda: app.session_state["plan"].extra["method"] == "eep")
     plan = app.session_state["plan"]
-    assert plan.extra["method"] == "eep" and plan.extra["calibration"]["limit"] == 8
+    assert plan.extra["calibration"]["limit"] == 8 and not plan.extra["cancelled"]
     assert len(plan.layers[0]) == 2 and metric(app, "Parameters") == at_quarter[1]
+
+    app.number_input(key="eep_generations").set_value(100).run()  # a long search, stopped from the page
+    app.button(key="run_search").click().run()
+    until(app, lambda: app.get("progress") and app.button(key="stop_search"))
+    app.button(key="stop_search").click().run()
+    until(app, lambda: any(w.value.startswith("Stopped") for w in app.warning))
+    stopped = app.session_state["plan"]
+    assert stopped.extra["cancelled"] and stopped.extra["generations_done"] < 100
+    assert any(b.label.startswith("Run EEP") for b in app.button)  # and it can be resumed
 
     broken = write_lm_task(tmp_path / "broken", ["x"], splits=("calibration",))  # no test split
     app.session_state["extra_tasks"] = [str(broken)]

@@ -45,22 +45,60 @@ def search_settings(method: str) -> tuple[tuple, int | None]:
                 ("seed", c[3].number_input("seed", 0, 10_000, 0, key="eep_seed"))), int(limit)
 
 
+@st.fragment(run_every=1.0)
+def search_progress(request: PlanRequest) -> None:
+    """Polls the background search once a second; the whole page reruns when it ends."""
+    job = bench.job(request)
+    if job is None or not job.running:
+        st.rerun()
+    st.progress(job.fraction, text=f"{LABELS[request.method]}: {job.message}")
+    st.button("Stop", key="stop_search", on_click=job.stop.set,
+              help="EEP stops after the candidate it is scoring and keeps its best plan so far; run it again to "
+                   "resume from its saved population. NAEE finishes the layer it is on.")
+
+
+def searched_plan(request: PlanRequest):
+    """The plan of a search method: start it on request, show its progress, then its result."""
+    job = bench.job(request)
+    if job is not None and job.running:
+        search_progress(request)
+        return None
+    if job is not None and job.error:
+        st.error(f"The search failed: {job.error}")
+    elif job is not None and job.plan is not None:
+        if not job.plan.extra.get("cancelled"):
+            return job.plan
+        st.warning("Stopped: these are the scores of the best plan found so far. Run again to resume the search.")
+    else:
+        st.info(f"{LABELS[request.method]} searches with forward passes on the "
+                f"{state.task_label(request.calibration_task)} calibration split; it can take a while on large models.")
+    if st.button(f"Run {LABELS[request.method]}", type="primary", key="run_search"):
+        bench.search(request)
+        st.rerun(scope="fragment")
+    return job.plan if job is not None else None
+
+
 @st.fragment
 def bench_panel() -> None:
     c1, c2, c3 = st.columns([3, 3, 2])
     method = c1.selectbox("Method", list(METHODS), index=list(METHODS).index("frequency"), format_func=LABELS.get,
-                          key="prune_method")
-    keep = c2.select_slider("Experts kept per layer", options=list(range(k, n + 1)), value=max(k, n // 2),
+                          key="prune_method", persist_state="session")
+    keeps = bench.feasible_keeps()
+    keep = c2.select_slider("Experts kept per layer", options=keeps, value=min(keeps, key=lambda e: abs(e - n / 2)),
                             format_func=lambda e: f"{e} of {n} ({1 - e / n:.0%} removed)", key="prune_keep",
-                            disabled=method == "top_k")
-    top_k = c3.selectbox("Top-k", [None, *range(1, k + 1)], format_func=lambda t: f"model's ({k})" if t is None else str(t),
-                         key="prune_top_k")
+                            disabled=method == "top_k", persist_state="session")
+    if method == "top_k":  # top-k reduction keeps every expert and routes to fewer
+        top_k = c3.selectbox("Top-k", list(range(1, k)) or [k], index=max(0, k - 2), key="prune_top_k_reduced",
+                             persist_state="session")
+    else:
+        top_k = c3.selectbox("Top-k", [None, *range(1, k + 1)], key="prune_top_k", persist_state="session",
+                             format_func=lambda t: f"model's ({k})" if t is None else str(t))
     c4, c5, c6 = st.columns([2, 4, 2])
     calibration = c4.selectbox("Calibration task", tasks, index=tasks.index("qa") if "qa" in tasks else 0,
-                               format_func=state.task_label, key="prune_calibration")
+                               format_func=state.task_label, key="prune_calibration", persist_state="session")
     evaluate = c5.multiselect("Evaluation tasks", tasks, default=[calibration], format_func=state.task_label,
-                              key="prune_tasks")
-    limit = c6.select_slider("Test examples per task", LIMITS, value=100, key="prune_limit",
+                              key="prune_tasks", persist_state="session")
+    limit = c6.select_slider("Test examples per task", LIMITS, value=100, key="prune_limit", persist_state="session",
                              format_func=lambda v: "all" if v == 0 else str(v))
     params, calibration_limit = search_settings(method)
     request = PlanRequest(method, calibration, keep=None if method == "top_k" else keep,
@@ -70,14 +108,7 @@ def bench_panel() -> None:
     plan = None
     with state.shown_errors("Making the plan"):
         if method in SEARCH_METHODS and not bench.has_plan(request):
-            st.info(f"{LABELS[method]} searches with forward passes on the {state.task_label(calibration)} "
-                    f"calibration split; it can take a while on large models.")
-            if st.button(f"Run {LABELS[method]}", type="primary", key="run_search"):
-                st.button("Stop", key="stop_search", help="Stops after the current candidate; EEP resumes from "
-                                                          "its saved population when run again.")
-                bar = st.progress(0.0, text="Starting the search…")
-                plan = bench.plan(request, progress=lambda what, f: bar.progress(min(max(f, 0.0), 1.0), text=what))
-                bar.empty()
+            plan = searched_plan(request)
         else:
             with st.spinner("Calibrating (once per method and task)…"):
                 plan = bench.plan(request)
@@ -90,7 +121,7 @@ def bench_panel() -> None:
     with state.shown_errors("Evaluation"), st.spinner("Evaluating…"):
         result = bench.compare(plan, evaluate, "test", limit or None)
         show_result(plan, result)
-        show_tradeoff(plan, result, evaluate[0], limit or None, calibration, top_k)
+        show_tradeoff(plan, result, evaluate[0], calibration, top_k)
 
 
 def show_result(plan, result) -> None:
@@ -117,23 +148,28 @@ def show_result(plan, result) -> None:
         st.dataframe(table.drop(columns=["headline"]), hide_index=True)
         if not result.agreement.empty:
             st.dataframe(result.agreement, hide_index=True)
-    profile = state.active_profile(mm, auto=False) if "profile_path" in st.session_state else None
+    profile = state.active_profile(mm)
     if profile is not None and plan.layers:
         usage = state.aggregated(profile, "expert_usage")
-        usage = usage.groupby(["layer", "expert"], as_index=False)["share"].mean()
+        task = (plan.extra.get("calibration") or {}).get("task")
+        if task in set(usage["task"]):
+            usage, over = usage[usage["task"] == task], f"share of {task}'s routing in the profile"
+        else:
+            usage, over = usage.groupby(["layer", "expert"], as_index=False)["share"].mean(), "mean share in the profile"
         dropped = [(layer, e) for layer, kept in plan.layers.items() for e in range(n) if e not in kept]
-        st.plotly_chart(charts.expert_grid(usage, "share", "Kept and dropped experts (× = dropped) over the "
-                                           "profile's mean share", "share", dropped=dropped),
-                        width="content", config={"displayModeBar": False})
+        st.plotly_chart(charts.expert_grid(usage, "share", f"Kept and dropped experts (× = dropped) over the {over}",
+                                           "share", dropped=dropped), width="content", config={"displayModeBar": False})
 
 
-def show_tradeoff(plan, result, task: str, limit: int | None, calibration: str, top_k: int | None) -> None:
+def show_tradeoff(plan, result, task: str, calibration: str, top_k: int | None) -> None:
     st.subheader("Trade-off")
+    name = state.task_label(task)
+    examples = int(result.table.loc[result.table["task"] == name, "examples"].iloc[0])
     c1, c2 = st.columns([3, 2])
     if c2.button("Sweep the fast methods over every keep", key="sweep"):
         bar = c2.progress(0.0)
         with state.shown_errors("Sweep"):
-            bench.sweep(FAST_METHODS, list(range(k, n + 1)), calibration, [task], top_k=top_k, limit=limit,
+            bench.sweep(FAST_METHODS, bench.feasible_keeps(top_k), calibration, [task], top_k=top_k, limit=examples,
                         progress=lambda what, done, total: bar.progress(done / total, text=what))
     upload = c2.file_uploader("Add a table from `moescope sweep` (CSV or Parquet)", type=["csv", "parquet"])
     if upload is not None and upload.file_id != st.session_state.get("sweep_upload"):
@@ -142,15 +178,13 @@ def show_tradeoff(plan, result, task: str, limit: int | None, calibration: str, 
             st.session_state["sweep_upload"] = upload.file_id
         except MoEScopeError as exc:
             c2.error(str(exc))
-    name = state.task_label(task)
     metric = headline_metric(task)
-    points = tradeoff_points([bench.sweep_table(), *st.session_state.get("sweep_tables", [])], name, metric)
-    if points.empty:
-        c1.info("Every setting you evaluate lands here; or sweep the fast methods.")
-        return
+    points = tradeoff_points([bench.sweep_table(), *st.session_state.get("sweep_tables", [])], name, metric,
+                             split="test", examples=examples)
+    c2.caption(f"Lines: {name} {metric} on the same {examples} test examples, every method and setting evaluated "
+               f"so far (by any session on this model) plus added tables.")
     row = result.table[(result.table["task"] == name) & (result.table["metric"] == metric)].iloc[0]
-    kept = len(next(iter(plan.layers.values()))) if plan.layers else n
-    current = (1 - kept / n, row["pruned"])
+    current = (1 - plan.experts_kept(n) / n, row["pruned"])
     c1.plotly_chart(charts.tradeoff(points, metric, name, current), config={"displayModeBar": False})
 
 

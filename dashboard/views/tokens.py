@@ -14,14 +14,17 @@ if profile is None:
     st.stop()
 
 examples = state.aggregated(profile, "profile_examples")
+if examples.empty:
+    st.info("This profile holds no routing rows; record one on the Profile page.")
+    st.stop()
 layers = profile.meta.layers
 n_experts = profile.meta.n_experts
 c1, c2, c3 = st.columns([2, 2, 3])
 names = sorted(examples["task"].unique())
-task = c1.selectbox("Task", names, index=names.index("code") if "code" in names else 0, key="tok_task")
+task = c1.selectbox("Task", names, index=names.index("code") if "code" in names else 0, key="tok_task", persist_state="session")
 ids = examples[examples["task"] == task]["example"].tolist()
 example = c2.selectbox("Example", ids, key="tok_example", format_func=lambda i: f"#{i}")
-layer = c3.select_slider("Layer", layers, value=layers[-1], key="tok_layer")
+layer = c3.select_slider("Layer", layers, value=layers[-1], key="tok_layer", persist_state="session")
 
 routes = state.aggregated(profile, "token_routes", task, int(example), layer)
 prompt = routes[routes["step"] == 0]

@@ -14,6 +14,9 @@ if profile is None:
     st.stop()
 
 usage = state.aggregated(profile, "expert_usage")
+if usage.empty:
+    st.info("This profile holds no routing rows; record one on the Profile page.")
+    st.stop()
 tasks = sorted(usage["task"].unique())
 layers = profile.meta.layers
 VALUES = {"share": ("Share of top-k slots", ".1%"), "weight_share": ("Share of gate weight", ".1%"),
@@ -31,11 +34,11 @@ def select_cell() -> None:
 
 
 c1, c2, c3 = st.columns([2, 2, 3])
-view = c1.radio("View", ["One task", "Difference between two tasks"], horizontal=False)
-task = c2.selectbox("Task", tasks, key="util_task")
+view = c1.radio("View", ["One task", "Difference between two tasks"], key="util_view", persist_state="session")
+task = c2.selectbox("Task", tasks, key="util_task", persist_state="session")
 other = c2.selectbox("minus task", [t for t in tasks if t != task] or tasks, key="util_other",
                      disabled=view == "One task")
-value = c3.radio("Value", list(VALUES), format_func=lambda v: VALUES[v][0], horizontal=True, key="util_value")
+value = c3.radio("Value", list(VALUES), format_func=lambda v: VALUES[v][0], horizontal=True, key="util_value", persist_state="session")
 
 focus = (st.session_state["focus_layer"], st.session_state["focus_expert"])
 if view == "One task":
@@ -52,7 +55,8 @@ else:
                              diverging=True, selected=focus, value_format="+.1%")
 st.plotly_chart(fig, key="usage_grid", on_select=select_cell, selection_mode="points", width="content",
                 config={"displayModeBar": False})
-st.caption("Click a square to inspect that expert below. Dead experts (no tokens) show as the darkest squares.")
+st.caption("Click a square to inspect that expert below."
+           + (" Dead experts (no tokens) show as the darkest squares." if view == "One task" else ""))
 
 if view != "One task":
     jsd = state.aggregated(profile, "task_divergence")
@@ -62,15 +66,15 @@ if view != "One task":
 
 st.subheader("Selected expert")
 s1, s2, s3 = st.columns([1, 1, 2])
-layer = s1.selectbox("Layer", layers, key="focus_layer")
-expert = s2.selectbox("Expert", list(range(profile.meta.n_experts)), key="focus_expert")
-scope = s3.radio("Tokens from", ["this task", "all tasks"], horizontal=True, key="focus_scope")
+layer = s1.selectbox("Layer", layers, key="focus_layer", persist_state="session")
+expert = s2.selectbox("Expert", list(range(profile.meta.n_experts)), key="focus_expert", persist_state="session")
+scope = s3.radio("Tokens from", ["this task", "all tasks"], horizontal=True, key="focus_scope", persist_state="session")
 scope_task = task if scope == "this task" else None
 top = state.aggregated(profile, "expert_tokens", layer, expert, scope_task)
 if top.empty:
     st.info(f"No token was routed to expert {expert} at layer {layer} here: a candidate for pruning.")
 else:
-    top = top.assign(token=[repr(t) for t in mm.token_texts(top["token_id"].tolist())])
+    top = top.assign(token=[repr(mm.token_texts([t])[0]) for t in top["token_id"]])  # tokens out of context
     t1, t2 = st.columns([2, 3])
     t1.markdown(f"**Most frequent tokens** (layer {layer}, expert {expert})")
     t1.dataframe(top[["token", "count", "fraction_of_token"]], hide_index=True,
@@ -93,6 +97,6 @@ l2.plotly_chart(charts.layer_lines(stats, "imbalance", "Load imbalance (max / me
                 config={"displayModeBar": False})
 
 st.subheader("Co-activation")
-co_layer = st.selectbox("Layer", layers, key="co_layer")
+co_layer = st.selectbox("Layer", layers, key="co_layer", persist_state="session")
 st.plotly_chart(charts.coactivation_matrix(state.aggregated(profile, "coactivation", co_layer, task), co_layer),
                 width="content", config={"displayModeBar": False})
