@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("train-sample", help="train the bundled sample MoE model on CPU (about 35 minutes)",
+    p = sub.add_parser("train-sample", help="train the bundled sample MoE model on CPU (about 45 minutes)",
                        description="Options are passed on: --out DIR --minutes M --max-steps N --seed S "
                                    "--no-eval --quiet (see python -m core.sample_training --help).")
     p.set_defaults(func=cmd_train_sample, options=[])

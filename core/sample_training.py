@@ -72,7 +72,7 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.1
     max_steps: int = 7000
-    minutes: float = 40.0
+    minutes: float = 44.0
     answer_weight: float = 5.0  # loss weight on answer + stop tokens of qa/arithmetic documents
     # by document draws (qa documents are long, arithmetic ones short; gaps are topped up with arithmetic)
     mixture: dict[str, float] = field(default_factory=lambda: {"qa": 0.55, "arithmetic": 0.28, "code": 0.10, "prose": 0.07})
@@ -533,7 +533,7 @@ def routing_report(usage: dict[str, list[list[int]]], dead_share: float = 0.01) 
 # ------------------------------------------------------------------------------------------------
 # Entry points
 # ------------------------------------------------------------------------------------------------
-def train_sample(out_dir: str | Path = DEFAULT_OUT, minutes: float = 40.0, seed: int = 0, progress: bool = True,
+def train_sample(out_dir: str | Path = DEFAULT_OUT, minutes: float = 44.0, seed: int = 0, progress: bool = True,
                  evaluate: bool = True, **overrides: Any) -> dict:
     """Train the sample model, save it to ``out_dir`` (atomically) and return its training stats
     (and test-split scores and routing report when ``evaluate``). ``overrides`` set TrainConfig fields."""
@@ -555,7 +555,7 @@ def train_sample(out_dir: str | Path = DEFAULT_OUT, minutes: float = 40.0, seed:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Train MoEScope's sample MoE model on CPU.")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: %(default)s)")
-    ap.add_argument("--minutes", type=float, default=40.0, help="wall-time budget for training (default: %(default)s)")
+    ap.add_argument("--minutes", type=float, default=44.0, help="wall-time budget for training (default: %(default)s)")
     ap.add_argument("--max-steps", type=int, default=TrainConfig.max_steps)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation")
