@@ -68,11 +68,12 @@ def main() -> None:
                 for name in BASELINES:
                     if name in METHODS:
                         record(task, name, keep, 2, make_method(name).plan(mm, calib, target))
-                eep = dict(population=args.population, offspring=args.population, generations=args.generations,
-                           state_path=f"{tmp}/{task.name}-{keep}")
-                record(task, "eep prune", keep, 2, make_method("eep", **eep).plan(mm, calib, target))
-                merged = make_method("eep", **eep, merge_generations=args.merge_generations).plan(mm, calib, target)
-                record(task, "eep prune+merge", keep, 2, merged)
+                for init, label in (("random", ""), ("frequency", " (frequency start)")):
+                    eep = dict(population=args.population, offspring=args.population, generations=args.generations,
+                               init=init, state_path=f"{tmp}/{task.name}-{keep}-{init}")
+                    record(task, "eep prune" + label, keep, 2, make_method("eep", **eep).plan(mm, calib, target))
+                    merged = make_method("eep", **eep, merge_generations=args.merge_generations).plan(mm, calib, target)
+                    record(task, "eep prune+merge" + label, keep, 2, merged)
             # Table 3: route to one expert instead of two
             record(task, "full top-1", 8, 1, make_method("top_k").plan(mm, calib, Target(keep=8, top_k=1)))
             for keep in (8, 4):
@@ -105,7 +106,8 @@ def render(table: pd.DataFrame, tasks, args) -> str:
            f"generations. nll: lower is better; the others: higher is better.", ""]
     for keep in map(int, args.keeps.split(",")):
         out += [f"**Table 1 analogue: {keep} of 8 experts kept (top-2)**", "", head, rule]
-        for variant in ["full", "random", *BASELINES, "eep prune", "eep prune+merge"]:
+        for variant in ["full", "random", *BASELINES, "eep prune", "eep prune+merge", "eep prune (frequency start)",
+                        "eep prune+merge (frequency start)"]:
             sel = table[(table.variant == variant) & ((table.keep == keep) | (table.variant == "full"))]
             if len(sel):
                 out.append(f"| {variant} | " + " | ".join(cell(sel[sel.task == n]) for n in names) + " |")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from core.errors import MoEScopeError
+from core.evaluation import Evaluator
 from core.methods import Target, make_method
 from core.methods.eep import SearchState, evolve
 from core.model import MoEModel
@@ -75,6 +77,27 @@ def test_eep_plan_on_a_model_prunes_dead_experts(tmp_path):
     assert progress and progress[-1] <= 1.0
 
 
+def test_a_start_genome_joins_the_first_generation():
+    state = evolve(overlap, n_layer_groups=3, n_experts=8, keep=4, population=4, offspring=2, generations=0,
+                   start=[GOAL])
+    assert state.best == (GOAL, 12.0) and state.evaluations == 4
+
+
+def test_eep_frequency_start_begins_at_least_at_the_frequency_plan(tmp_path):
+    mm = with_dead_experts()
+    calibration = lm_task(tmp_path)
+    frequency = make_method("frequency").plan(mm, calibration, Target(keep=5))
+    plan = make_method("eep", population=3, offspring=2, generations=1, layer_groups=99, init="frequency").plan(
+        mm, calibration, Target(keep=5))
+    first_generation = plan.extra["fitness"]["curve"][0]
+    nll = Evaluator(mm).evaluate(calibration.task, frequency, split="calibration", agreement=False).metrics["nll"]
+    assert first_generation <= nll + 1e-9  # NLL: the frequency genome was scored in the first generation
+    assert plan.extra["parameters"]["init"] == "frequency"
+    assert plan.extra["forward_passes"] == plan.extra["evaluations"] * 5 + 5  # + the frequency pass
+    with pytest.raises(MoEScopeError, match="Unknown EEP init"):
+        make_method("eep", init="best").plan(mm, calibration, Target(keep=5))
+
+
 def test_eep_state_file_resumes(tmp_path):
     mm = MoEModel(build_layout("deepseek_v3-grouped-dense-first"), tokenizer=char_tokenizer())
     path = tmp_path / "eep.json"
@@ -89,8 +112,6 @@ def test_eep_state_file_resumes(tmp_path):
 
 
 def test_bad_state_file(tmp_path):
-    from core.errors import MoEScopeError
-
     path = tmp_path / "s.json"
     path.write_text("nonsense")
     with pytest.raises(MoEScopeError, match="not a saved EEP search state"):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ from ..evaluation import Evaluator
 from ..io import atomic_write_text
 from ..model import MoEModel
 from ..plan import Plan
-from .base import Calibration, ProgressFn, Target, finish_plan
+from .base import Calibration, ProgressFn, Target, finish_plan, top_experts
+from .usage import Frequency
 
 Genome = tuple  # nested tuples: phase 1 one kept set per group; phase 2 (router rows, expert rows) per group
 
@@ -132,9 +133,9 @@ def search(fitness: Callable[[Genome], float], first_generation: Callable[[np.ra
 
 def evolve(fitness: Callable[[Genome], float], n_layer_groups: int, n_experts: int, keep: int, routing_groups: int = 1,
            population: int = 12, offspring: int = 12, generations: int = 15, p_mutation: float = 0.15,
-           **kwargs: Any) -> SearchState:
+           start: Sequence[Genome] = (), **kwargs: Any) -> SearchState:
     """Phase 1: maximise ``fitness`` over genomes of ``n_layer_groups`` kept sets of size ``keep``, balanced
-    over ``routing_groups`` equal blocks of expert ids."""
+    over ``routing_groups`` equal blocks of expert ids. ``start`` genomes join the random first generation."""
     size, per_group = n_experts // routing_groups, keep // routing_groups
 
     def random_set(rng: np.random.Generator) -> tuple[int, ...]:
@@ -142,7 +143,7 @@ def evolve(fitness: Callable[[Genome], float], n_layer_groups: int, n_experts: i
                             for e in rng.choice(np.arange(g * size, (g + 1) * size), per_group, replace=False)))
 
     def first_generation(rng: np.random.Generator) -> list[Genome]:
-        seen: dict[Genome, None] = {}
+        seen: dict[Genome, None] = dict.fromkeys(_tuples(list(start))[:population])
         for _ in range(population * 20):  # small spaces have few distinct genomes
             seen.setdefault(tuple(random_set(rng) for _ in range(n_layer_groups)), None)
             if len(seen) == population:
@@ -210,6 +211,7 @@ class EEP:
     merge_p_mutation: float = 0.25
     merge_sigma: float = 0.065
     layer_groups: int = 4
+    init: str = "random"  # "frequency": the frequency baseline's kept sets join the random first generation
     seed: int = 0
     metric: str | None = None  # default: the task's primary metric (f1, exact_match, accuracy, -nll)
     state_path: str | None = None  # save each phase's search here after every generation and resume from it
@@ -244,10 +246,11 @@ class EEP:
             return sign * result.metrics[metric]
 
         common = dict(seed=self.seed, should_stop=self.should_stop)
+        start, start_passes = self._start(mm, calibration, groups, keep)
         phase1 = self._run(lambda s, save: evolve(
             lambda g: score(pruning_plan(g)), len(groups), mm.n_experts, keep, mm.routing_spec().n_groups,
             population=self.population, offspring=self.offspring, generations=self.generations,
-            p_mutation=self.p_mutation, state=s, on_generation=save,
+            p_mutation=self.p_mutation, start=start, state=s, on_generation=save,
             progress=lambda msg, f: say(f"pruning: {msg}", f / (2 if merging else 1)), **common), "")
         if not phase1.population:
             raise MoEScopeError("EEP was cancelled before it evaluated any candidate; no plan to return.")
@@ -271,15 +274,28 @@ class EEP:
                 evaluations += phase2.evaluations
         params = {k: getattr(self, k) for k in ("population", "offspring", "generations", "p_mutation",
                                                  "merge_generations", "merge_p_mutation", "merge_sigma",
-                                                 "layer_groups", "seed")} | {"metric": metric}
+                                                 "layer_groups", "init", "seed")} | {"metric": metric}
         cancelled = phase1.cancelled or bool(phase2 and phase2.cancelled)
         return finish_plan(mm, plan.layers, target, self.name, params, calibration, started,
-                           forward_passes=evaluations * len(calibration.rows()), seed=self.seed,
+                           forward_passes=evaluations * len(calibration.rows()) + start_passes, seed=self.seed,
                            fitness={"metric": metric, "best": sign * best, "curve": [sign * f for f in curve],
                                     "pruning_generations": len(phase1.curve)},
                            evaluations=evaluations, generations_done=phase1.generation,
                            merge_generations_done=phase2.generation if phase2 else 0, cancelled=cancelled,
                            layer_groups=groups, **({"merge": plan.extra["merge"]} if "merge" in plan.extra else {}))
+
+    def _start(self, mm: MoEModel, calibration: Calibration, groups: list[list[int]],
+               keep: int) -> tuple[list[Genome], int]:
+        """Genomes to seed the first generation with, and the forward passes spent finding them."""
+        if self.init == "random":
+            return [], 0
+        if self.init != "frequency":
+            raise MoEScopeError(f"Unknown EEP init {self.init!r}; choose random or frequency.")
+        scored = Frequency().expert_scores(mm, calibration)
+        spread = mm.routing_spec().n_groups
+        genome = tuple(tuple(top_experts(sum(scored.scores[layer] for layer in group), keep, spread))
+                       for group in groups)
+        return [genome], scored.forward_passes
 
     def _run(self, run: Callable[[SearchState | None, Callable | None], SearchState], suffix: str) -> SearchState:
         """Run one phase, resuming from and saving to ``state_path`` (+ suffix) when one is set."""
