@@ -148,6 +148,18 @@ def active_profile(mm: MoEModel, auto: bool = True) -> Profile | None:
     return profile
 
 
+def model_and_profile() -> tuple[MoEModel, Profile]:
+    """For pages that show a profile: the model and its active profile, or stop the page with a message."""
+    mm = current_model()
+    profile = active_profile(mm) if mm is not None else None
+    if profile is None:
+        st.stop()
+    if not profile.meta.rows:
+        st.info("This profile holds no routing rows; record one on the Profile page.")
+        st.stop()
+    return mm, profile
+
+
 def open_profile(path: str) -> Profile:
     return Profile(path)
 

@@ -19,9 +19,16 @@ def shoot(page, folder: Path, name: str) -> None:
     page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
 
 
-def open_page(page, title: str) -> None:
+def open_page(page, title: str, shows: str) -> None:
+    """Click a page in the sidebar and wait until it shows the text ``shows`` and has finished running."""
     page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+    page.get_by_text(shows).first.wait_for(timeout=SLOW)
     wait_for_app(page, SLOW)
+
+
+def centre(locator) -> tuple[float, float]:
+    box = locator.bounding_box()
+    return box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
 
 
 def headline(page) -> str:
@@ -39,35 +46,30 @@ def test_every_page_in_chromium(tmp_path):
         wait_for_app(page, SLOW)
         shoot(page, shots, "model")
 
-        open_page(page, "Profile")
-        page.get_by_text("Active profile").wait_for(timeout=SLOW)
+        open_page(page, "Profile", "Active profile")
         shoot(page, shots, "profile")
 
-        open_page(page, "Utilization")
+        open_page(page, "Utilization", "Selected expert")
         points = page.locator(".js-plotly-plot .scatterlayer .trace").first.locator("path.point")
         points.first.wait_for(timeout=SLOW)
         assert points.count() == 4 * 8  # one square per (MoE layer, expert)
         cell = points.nth(2 * 8 + 5)  # row 2, column 5
         cell.evaluate("el => el.scrollIntoView({block: 'center'})")  # clear of Streamlit's sticky header
-        box = cell.bounding_box()
-        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)  # as a user clicks
+        page.mouse.click(*centre(cell))  # as a user clicks: Plotly reads the pointer position
         page.get_by_text("(layer 2, expert 5)").wait_for(timeout=SLOW)
         wait_for_app(page, SLOW)
         shoot(page, shots, "utilization")
 
-        open_page(page, "Tokens")
-        page.get_by_text("Chance level").wait_for(timeout=SLOW)
+        open_page(page, "Tokens", "Chance level")
         shoot(page, shots, "tokens")
 
-        open_page(page, "Prune")
-        page.get_by_text("qa · exact_match").wait_for(timeout=SLOW)
-        wait_for_app(page, SLOW)
+        open_page(page, "Prune", "qa · exact_match")
         before = headline(page)
         track = page.get_by_test_id("stSlider").first  # "Experts kept per layer"
-        thumb = track.get_by_role("slider").bounding_box()
-        page.mouse.move(thumb["x"] + thumb["width"] / 2, thumb["y"] + thumb["height"] / 2)
+        x, y = centre(track.get_by_role("slider"))
+        page.mouse.move(x, y)
         page.mouse.down()  # drag the thumb to the left end: fewest experts kept
-        page.mouse.move(track.bounding_box()["x"] + 2, thumb["y"] + thumb["height"] / 2, steps=8)
+        page.mouse.move(track.bounding_box()["x"] + 2, y, steps=8)
         page.mouse.up()
         page.wait_for_function("b => document.querySelector('[data-testid=\"stMetric\"]').innerText !== b",
                                arg=before, timeout=SLOW)
@@ -77,9 +79,9 @@ def test_every_page_in_chromium(tmp_path):
         assert re.search(r"2 of 8", page.get_by_test_id("stSlider").first.inner_text())
         shoot(page, shots, "prune")
 
-        open_page(page, "Export")
+        open_page(page, "Export", "Write the pruned checkpoint")
         page.get_by_role("button", name="Export checkpoint").click()
-        page.get_by_text("Wrote ").wait_for(timeout=SLOW)
+        page.get_by_test_id("stAlertContentSuccess").get_by_text("Wrote ").wait_for(timeout=SLOW)
         shoot(page, shots, "export")
     assert sorted(p.stem for p in shots.glob("*.png")) == sorted(["model", "profile", "utilization", "tokens",
                                                                    "prune", "export"])

@@ -49,6 +49,7 @@ default = state.home() / "exports" / f"{method}-keep{min(kept.values(), default=
 out = st.text_input("Output directory (a new directory; the source model is never touched)", value=str(default))
 overwrite = st.checkbox("Replace the directory if it exists")
 if st.button("Export checkpoint"):
+    path = None
     with st.status("Exporting…", expanded=True) as status:
         try:
             path = export_pruned(mm, plan, out, overwrite=overwrite, progress=st.write)
@@ -56,7 +57,8 @@ if st.button("Export checkpoint"):
             status.update(label="Export failed", state="error")
             st.error(str(exc))
         else:
-            status.update(label="Exported", state="complete")
-            st.success(f"Wrote {path} ({directory_bytes(path) / 2**20:.1f} MiB).")
-            st.code(f'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("{path}")',
-                    language="python")
+            status.update(label="Exported", state="complete", expanded=False)
+    if path is not None:
+        st.success(f"Wrote {path} ({directory_bytes(path) / 2**20:.1f} MiB).")
+        st.code(f'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("{path}")',
+                language="python")

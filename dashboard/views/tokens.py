@@ -8,15 +8,8 @@ import streamlit as st
 from dashboard import charts, state
 
 st.title("Tokens by routed expert")
-mm = state.current_model()
-profile = state.active_profile(mm) if mm is not None else None
-if profile is None:
-    st.stop()
-
+mm, profile = state.model_and_profile()
 examples = state.aggregated(profile, "profile_examples")
-if examples.empty:
-    st.info("This profile holds no routing rows; record one on the Profile page.")
-    st.stop()
 layers = profile.meta.layers
 n_experts = profile.meta.n_experts
 c1, c2, c3 = st.columns([2, 2, 3])

@@ -8,15 +8,8 @@ import streamlit as st
 from dashboard import charts, state
 
 st.title("Expert utilization")
-mm = state.current_model()
-profile = state.active_profile(mm) if mm is not None else None
-if profile is None:
-    st.stop()
-
+mm, profile = state.model_and_profile()
 usage = state.aggregated(profile, "expert_usage")
-if usage.empty:
-    st.info("This profile holds no routing rows; record one on the Profile page.")
-    st.stop()
 tasks = sorted(usage["task"].unique())
 layers = profile.meta.layers
 VALUES = {"share": ("Share of top-k slots", ".1%"), "weight_share": ("Share of gate weight", ".1%"),
