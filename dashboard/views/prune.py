@@ -98,7 +98,7 @@ def bench_panel() -> None:
                                format_func=state.task_label, key="prune_calibration", persist_state="session")
     evaluate = c5.multiselect("Evaluation tasks", tasks, default=[calibration], format_func=state.task_label,
                               key="prune_tasks", persist_state="session")
-    limit = c6.select_slider("Test examples per task", LIMITS, value=100, key="prune_limit", persist_state="session",
+    limit = c6.select_slider("Test examples per task", LIMITS, value=50, key="prune_limit", persist_state="session",
                              format_func=lambda v: "all" if v == 0 else str(v))
     params, calibration_limit = search_settings(method)
     request = PlanRequest(method, calibration, keep=None if method == "top_k" else keep,
