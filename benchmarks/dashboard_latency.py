@@ -84,8 +84,8 @@ def main() -> None:
               "ratio_change_new_setting_s": new, "ratio_change_seen_setting_s": seen,
               "median_new_s": statistics.median(new), "median_seen_s": statistics.median(seen),
               "median_all_s": statistics.median(new + seen),
-              "setup": "sample model, CPU, Prune page defaults (frequency, calibration qa, evaluate qa on 50 test "
-                       "examples), headless Chromium 1400x1000"}
+              "setup": "sample model, CPU, Prune page defaults (frequency, calibration qa, evaluate qa on 50 test examples, agreement off; "
+                       "headless Chromium 1400x1000"}
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -180,14 +180,17 @@ class Workbench:
         return self._jobs.get(request.key())
 
     def compare(self, plan: Plan | None, tasks: Sequence[str], split: str = "test", limit: int | None = None,
-                progress: Callable[[str, int, int], None] | None = None) -> Comparison:
-        """Evaluate ``plan`` and the unpruned model on each task (both cached by the evaluator)."""
+                progress: Callable[[str, int, int], None] | None = None, agreement: bool = True) -> Comparison:
+        """Evaluate ``plan`` and the unpruned model on each task (both cached by the evaluator); with
+        ``agreement`` also top-1 agreement and KL against the unpruned model (an extra teacher-forced pass
+        for generative tasks)."""
         started = time.perf_counter()
-        rows, agreement, cost = [], [], {}
+        rows, agreements, cost = [], [], {}
         for name in tasks:
             spec = get_task_spec(name)
             full = self.evaluator.evaluate(spec, None, split, limit, progress=progress)
-            pruned = self.evaluator.evaluate(spec, plan, split, limit, progress=progress) if plan else full
+            pruned = self.evaluator.evaluate(spec, plan, split, limit, progress=progress,
+                                             agreement=agreement) if plan else full
             for metric, value in full.metrics.items():
                 new = pruned.metrics[metric]
                 rows.append({"task": spec.name, "metric": metric, "headline": metric == HEADLINE_METRIC[spec.metric],
@@ -197,12 +200,12 @@ class Workbench:
             if plan is not None:
                 self._record(pruned, plan)
             if pruned.agreement:
-                agreement.append({"task": spec.name, **pruned.agreement})
+                agreements.append({"task": spec.name, **pruned.agreement})
             cost.setdefault("tokens_per_s_full", 0.0)
             cost["tokens_per_s_full"] += full.cost["tokens_per_s"] / len(tasks)
             cost["tokens_per_s"] = cost.get("tokens_per_s", 0.0) + pruned.cost["tokens_per_s"] / len(tasks)
             cost.update({k: v for k, v in pruned.cost.items() if k != "tokens_per_s"})
-        return Comparison(pd.DataFrame(rows), pd.DataFrame(agreement), cost, time.perf_counter() - started)
+        return Comparison(pd.DataFrame(rows), pd.DataFrame(agreements), cost, time.perf_counter() - started)
 
     def sweep(self, methods: Sequence[str], keeps: Sequence[int], calibration_task: str, tasks: Sequence[str],
               top_k: int | None = None, split: str = "test", limit: int | None = None,

@@ -160,6 +160,10 @@ def test_prune_page_updates_when_the_ratio_moves_and_reports_failures(app, tmp_p
     at_quarter = metric(app, "qa · exact_match"), metric(app, "Parameters")
     assert at_quarter[1] != at_half[1] and at_quarter != at_half
     assert app.session_state["plan"].layers[0].__len__() == 2
+    assert not any("top1_agreement" in d.value.columns for d in app.dataframe)  # off by default: quicker
+    app.toggle(key="prune_agreement").set_value(True).run()
+    agreement = next(d.value for d in app.dataframe if "top1_agreement" in d.value.columns)
+    assert set(agreement["task"]) == {"qa", "arithmetic"} and (agreement["top1_agreement"] < 1).all()
 
     app.selectbox(key="prune_method").set_value("eep").run()
     assert not app.get("plotly_chart") and not any(m.label == "Parameters" for m in app.metric)

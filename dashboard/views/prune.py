@@ -100,6 +100,9 @@ def bench_panel() -> None:
                               key="prune_tasks", persist_state="session")
     limit = c6.select_slider("Test examples per task", LIMITS, value=50, key="prune_limit", persist_state="session",
                              format_func=lambda v: "all" if v == 0 else str(v))
+    agreement = st.toggle("Agreement with the full model (top-1, KL)", key="prune_agreement",
+                          persist_state="session", help="An extra teacher-forced pass per task for generative "
+                                                        "tasks; off keeps updates quick.")
     params, calibration_limit = search_settings(method)
     request = PlanRequest(method, calibration, keep=None if method == "top_k" else keep,
                           ratio=0.0 if method == "top_k" else None, top_k=top_k,
@@ -119,7 +122,7 @@ def bench_panel() -> None:
         st.warning("Choose at least one evaluation task.")
         return
     with state.shown_errors("Evaluation"), st.spinner("Evaluating…"):
-        result = bench.compare(plan, evaluate, "test", limit or None)
+        result = bench.compare(plan, evaluate, "test", limit or None, agreement=agreement)
         show_result(plan, result)
         show_tradeoff(plan, result, evaluate[0], calibration, top_k)
 
@@ -144,7 +147,7 @@ def show_result(plan, result) -> None:
                f"speed of the exported checkpoint is measured by benchmarks/pruned_speed.py. Plan "
                f"{plan.digest()[:12]} made in {plan.extra.get('wall_time_s', 0):.2f} s with "
                f"{plan.extra.get('forward_passes', 0)} calibration sequences.")
-    with st.expander("All metrics and agreement with the full model"):
+    with st.expander("All metrics" + (" and agreement with the full model" if not result.agreement.empty else "")):
         st.dataframe(table.drop(columns=["headline"]), hide_index=True)
         if not result.agreement.empty:
             st.dataframe(result.agreement, hide_index=True)
