@@ -54,7 +54,8 @@ def search_progress(request: PlanRequest) -> None:
     st.progress(job.fraction, text=f"{LABELS[request.method]}: {job.message}")
     st.button("Stop", key="stop_search", on_click=job.stop.set,
               help="EEP stops after the candidate it is scoring and keeps its best plan so far; run it again to "
-                   "resume from its saved population. NAEE finishes the layer it is on.")
+                   "resume from its saved population. NAEE and dynamic skipping cannot be interrupted: they run "
+                   "to the end.")
 
 
 def searched_plan(request: PlanRequest):
