@@ -218,10 +218,12 @@ class Evaluator:
         return {"exact_match": 100 * metrics.mean(metrics.exact_match(p, r) for p, r in zip(predictions, refs))}
 
     # ----- likelihood -------------------------------------------------------------------------
-    def _batches(self, seqs: list[list[int]]) -> list[list[int]]:
-        """Indices of the sequences in batches, sorted by length so batches carry little padding."""
+    def _batches(self, seqs: list[list[int]], size: int | None = None) -> list[list[int]]:
+        """Indices of the sequences in batches of ``size`` (default batch_size), sorted by length so batches
+        carry little padding."""
+        size = size or self.batch_size
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        return [order[lo:lo + self.batch_size] for lo in range(0, len(order), self.batch_size)]
+        return [order[lo:lo + size] for lo in range(0, len(order), size)]
 
     def _logprobs(self, seqs: list[list[int]], idx: list[int]) -> torch.Tensor:
         """Next-token log-probs [B, T, V] of the sequences ``idx``, right-padded (positions start at 0)."""
@@ -293,10 +295,8 @@ class Evaluator:
         pad = self.mm.tokenizer.pad_token_id if self.mm.tokenizer.pad_token_id is not None else 0
         n_opt = len(examples[0].scored)
         out = [0.0] * (len(examples) * n_opt)
-        prompts = [e.prompt_ids for e in examples]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        size = max(1, self.batch_size // n_opt)  # the options pass holds batch_size rows, as other passes do
-        batches = [order[lo:lo + size] for lo in range(0, len(order), size)]
+        # the options pass holds batch_size rows, as other passes do
+        batches = self._batches([e.prompt_ids for e in examples], max(1, self.batch_size // n_opt))
         for done, idx in enumerate(batches, 1):
             plen = torch.tensor([len(examples[i].prompt_ids) for i in idx])
             ids, mask = _right_padded([examples[i].prompt_ids for i in idx], pad)
