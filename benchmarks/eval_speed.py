@@ -6,6 +6,9 @@ reference used for agreement, as the dashboard's first evaluation does), then ti
 other plans that keep 4 of 8 experts; the median is reported.
 
     python benchmarks/eval_speed.py [--model sample_data/model] [--tasks qa,arithmetic,qa_choice,code,prose]
+
+This machine's speed drifts (a shared 2-core VM measured up to 2x apart within an hour), so the run also
+reports a speed index, the milliseconds of one fixed fp32 matrix product, taken before and after.
 """
 
 from __future__ import annotations
@@ -27,6 +30,17 @@ from core.model import load_model  # noqa: E402
 from core.plan import Plan  # noqa: E402
 
 
+def speed_index() -> float:
+    """Milliseconds per [16384 x 160] @ [160 x 640] fp32 product (median of 30): the machine's speed now."""
+    x, w = torch.randn(16384, 160), torch.randn(640, 160)
+    times = []
+    for _ in range(33):
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        times.append(time.perf_counter() - start)
+    return round(1000 * statistics.median(times[3:]), 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sample_data/model")
@@ -37,7 +51,7 @@ def main() -> None:
     mm = load_model(args.model)
     evaluator = Evaluator(mm, batch_size=args.batch_size)
     rng = np.random.default_rng(0)
-    out = {"threads": torch.get_num_threads(), "batch_size": args.batch_size}
+    out = {"threads": torch.get_num_threads(), "batch_size": args.batch_size, "speed_index_ms_before": speed_index()}
     for task in args.tasks.split(","):
         start = time.perf_counter()
         full = evaluator.evaluate(task)
@@ -53,6 +67,7 @@ def main() -> None:
         out[task] = {"examples": full.n_examples, "unpruned_first_s": round(first, 3),
                      "masked_median_s": round(statistics.median(times), 3)}
         print(task, out[task], flush=True)
+    out["speed_index_ms_after"] = speed_index()
     print(json.dumps(out))
 
 

@@ -11,6 +11,7 @@ the correct option, or the text itself. Everything is deterministic; results are
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections import OrderedDict
@@ -79,12 +80,16 @@ def plan_cost(mm: MoEModel, plan: Plan | None) -> dict[str, float]:
 class Evaluator:
     """Evaluates tasks on one model, caching results and the unpruned model's reference log-probs."""
 
-    def __init__(self, mm: MoEModel, batch_size: int = 32, cache_size: int = 256) -> None:
+    def __init__(self, mm: MoEModel, batch_size: int = 32, cache_size: int = 256, token_budget: int = 2048) -> None:
+        """``batch_size`` sequences at most per forward (and per generation batch); ``token_budget`` padded
+        tokens at most per scoring forward, which keeps its [batch, length, vocabulary] log-probs small: on
+        CPU that measured faster than larger batches."""
         self.mm = mm
         self.batch_size = batch_size
+        self.token_budget = token_budget
         self._results: OrderedDict[tuple, EvalResult] = OrderedDict()
         self._cache_size = cache_size
-        self._full_logprobs: dict[tuple, list[torch.Tensor]] = {}
+        self._full_logprobs: dict[tuple, list[_Reference]] = {}
         self._stop_ids: dict[str, torch.Tensor] = {}
         self._digest = mm.weights_digest()
         self._cache_lock = threading.Lock()  # sessions sharing this evaluator read and fill the cache at once
@@ -105,12 +110,14 @@ class Evaluator:
         with self.mm.lock, torch.inference_mode():  # one evaluation at a time per model
             reference = self._reference((spec.name, split, limit), examples, say) if compare else None
             tally = _Agreement()
-            scoring = time.perf_counter()  # tokens/s counts the task's own forwards, not the reference's
+            # tokens/s counts the task's own forwards, not the reference's; they also yield the agreement when
+            # the reference is cached and the model's cache allows it (else it takes a pass of its own)
+            scoring = time.perf_counter()
             with masked(self.mm, plan):
                 if spec.metric in ("squad", "exact_match"):
-                    predictions, tokens = self._generate(spec, examples, say)
+                    predictions, tokens = self._generate(spec, examples, say, reference if compare else None, tally)
                     scores = self._score_generation(spec, predictions, examples)
-                else:  # the scoring forward also yields the agreement when the reference is cached
+                else:
                     predictions = []
                     scores, tokens = self._score_likelihood(spec, examples, say, reference if compare else None, tally)
             scoring = time.perf_counter() - scoring
@@ -169,45 +176,107 @@ class Evaluator:
                 for i in range(len(tok)):
                     if stop in tok.decode([i]):
                         table[i] = True
-            if tok.eos_token_id is not None:
-                table[tok.eos_token_id] = True
+            # end-of-sequence as the tokenizer and the generation config (which ``generate`` obeys) name it
+            eos = getattr(getattr(self.mm.model, "generation_config", None), "eos_token_id", None)
+            for i in {tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}:
+                table[i] = True
             self._stop_ids[stop] = table
         return self._stop_ids[stop]
 
-    def _generate(self, spec: TaskSpec, examples: list[_Example], say: ProgressFn) -> tuple[list[str], int]:
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        tok, model = self.mm.tokenizer, self.mm.model
-        device = next(model.parameters()).device
+    def _generate(self, spec: TaskSpec, examples: list[_Example], say: ProgressFn,
+                  reference: list[_Reference] | None = None, tally: _Agreement | None = None) -> tuple[list[str], int]:
+        """Batched greedy decoding with the KV cache, each answer ended at the task's stop string. Where the
+        model's cache can be cropped, decoding runs on the cache of one pass over the prompts, and with a
+        cached ``reference`` that pass also yields the agreement (see :meth:`_greedy`); other models decode
+        with ``model.generate`` and agreement takes its own pass."""
+        tok = self.mm.tokenizer
+        device = next(self.mm.model.parameters()).device
         stop_table = self._stop_lookup(spec.stop).to(device)
-
-        class StopAtStopToken(StoppingCriteria):
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-                return stop_table[input_ids[:, -1]]
-
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        own = self._cache_reusable()
+        compare = (own and reference is not None and tally is not None
+                   and all(len(e.agreement_ids) > len(e.prompt_ids) for e in examples))
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
         predictions: list[str] = [""] * len(examples)
         tokens = 0
         for lo in range(0, len(order), self.batch_size):
             idx = order[lo:lo + self.batch_size]
-            seqs = [examples[i].prompt_ids for i in idx]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, s in enumerate(seqs):  # left padding so every prompt ends where generation starts
-                ids[row, width - len(s):] = torch.tensor(s)
-                mask[row, width - len(s):] = 1
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=spec.max_new_tokens, pad_token_id=pad,
-                                 stopping_criteria=StoppingCriteriaList([StopAtStopToken()]))
-            new = out[:, width:]
+            # left padding so every prompt ends where generation starts
+            ids, mask = _padded([examples[i].prompt_ids for i in idx], pad, left=True)
+            if own:
+                answers = [examples[i].agreement_ids[len(examples[i].prompt_ids):] for i in idx] if compare else None
+                new, pruned = self._greedy(ids, mask, spec.max_new_tokens, stop_table, pad, answers)
+                if answers is not None and pruned is not None:
+                    for row, i in enumerate(idx):
+                        tally.add(reference[i], pruned[row])  # type: ignore[union-attr,index]
+                    tokens += sum(map(len, answers))
+            else:
+                new = self._hf_generate(ids, mask, spec.max_new_tokens, stop_table, pad)
             tokens += int(mask.sum()) + new.numel()
             for row, i in enumerate(idx):
                 text = tok.decode(new[row], skip_special_tokens=True)
                 predictions[i] = (text.split(spec.stop)[0] if spec.stop else text).strip()
             say("generating", min(lo + self.batch_size, len(order)), len(order))
         return predictions, tokens
+
+    def _greedy(self, ids: torch.Tensor, mask: torch.Tensor, max_new: int, stop_table: torch.Tensor, pad: int,
+                answers: list[list[int]] | None = None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Greedy continuations [B, <= max_new] of left-padded prompts, as ``generate`` makes them (finished
+        rows continue with padding). With ``answers`` (each row's reference continuation) also each row's
+        log-probs on prompt + answer, teacher-forced, for agreement: the prompt's from the prompt pass, the
+        answer's from one pass on the prompt's cache, which is then cropped back for decoding."""
+        model = self.mm.model
+        device = next(model.parameters()).device
+        plen = mask.sum(-1).to(device)
+        mask = mask.to(device)
+        keep = {} if answers is not None or not self._keeps_last_logits() else {"logits_to_keep": 1}
+        out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True, **keep)
+        cache, nxt = out.cache, out.logits[:, -1].argmax(-1)
+        texts = None
+        if answers is not None:
+            prompt_logp = F.log_softmax(out.logits.float(), dim=-1).cpu()
+            ans_ids, ans_mask = _padded(answers, pad)
+            positions = plen[:, None] + torch.arange(ans_ids.size(1), device=device)[None]
+            second = model(input_ids=ans_ids.to(device), attention_mask=torch.cat([mask, ans_mask.to(device)], 1),
+                           position_ids=positions, cache=cache, use_cache=True)
+            ans_logp = F.log_softmax(second.logits.float(), dim=-1).cpu()
+            cache.crop(-ans_ids.size(1))
+            width = ids.size(1)
+            texts = [torch.cat([prompt_logp[row, width - int(plen[row]):], ans_logp[row, :len(a) - 1]])
+                     for row, a in enumerate(answers)]
+        done = torch.zeros_like(nxt, dtype=torch.bool)
+        steps = []
+        for step in range(max_new):
+            nxt = torch.where(done, pad, nxt)
+            steps.append(nxt)
+            done |= stop_table[nxt]
+            if step == max_new - 1 or bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=(plen + step)[:, None],
+                        cache=cache, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1)
+        return torch.stack(steps, 1).cpu(), texts
+
+    def _hf_generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new: int, stop_table: torch.Tensor,
+                     pad: int) -> torch.Tensor:
+        """``model.generate``'s greedy continuations, for models whose cache :meth:`_greedy` cannot crop."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class StopAtStopToken(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+                return stop_table[input_ids[:, -1]]
+
+        device = next(self.mm.model.parameters()).device
+        out = self.mm.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                     max_new_tokens=max_new, pad_token_id=pad,
+                                     stopping_criteria=StoppingCriteriaList([StopAtStopToken()]))
+        return out[:, ids.size(1):].cpu()
+
+    def _keeps_last_logits(self) -> bool:
+        """Whether the model's forward can compute the logits of the last position only."""
+        return "logits_to_keep" in inspect.signature(self.mm.model.forward).parameters
 
     @staticmethod
     def _score_generation(spec: TaskSpec, predictions: Sequence[str], examples: list[_Example]) -> dict[str, float]:
@@ -219,22 +288,27 @@ class Evaluator:
 
     # ----- likelihood -------------------------------------------------------------------------
     def _batches(self, seqs: list[list[int]], size: int | None = None) -> list[list[int]]:
-        """Indices of the sequences in batches of ``size`` (default batch_size), sorted by length so batches
-        carry little padding."""
+        """Indices of the sequences in batches of at most ``size`` (default batch_size) sequences and
+        ``token_budget`` padded tokens, sorted by length so batches carry little padding."""
         size = size or self.batch_size
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        return [order[lo:lo + size] for lo in range(0, len(order), size)]
+        batches: list[list[int]] = [[]]
+        for i in order:  # lengths only grow along ``order``, so a batch's padded size is its last length
+            if batches[-1] and (len(batches[-1]) == size or (len(batches[-1]) + 1) * len(seqs[i]) > self.token_budget):
+                batches.append([])
+            batches[-1].append(i)
+        return batches if batches[0] else []
 
     def _logprobs(self, seqs: list[list[int]], idx: list[int]) -> torch.Tensor:
         """Next-token log-probs [B, T, V] of the sequences ``idx``, right-padded (positions start at 0)."""
         tok, model = self.mm.tokenizer, self.mm.model
         device = next(model.parameters()).device
-        ids, mask = _right_padded([seqs[i] for i in idx], tok.pad_token_id if tok.pad_token_id is not None else 0)
+        ids, mask = _padded([seqs[i] for i in idx], tok.pad_token_id if tok.pad_token_id is not None else 0)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         return F.log_softmax(logits.float(), dim=-1).cpu()
 
     def _score_likelihood(self, spec: TaskSpec, examples: list[_Example], say: ProgressFn,
-                          reference: list[torch.Tensor] | None = None,
+                          reference: list[_Reference] | None = None,
                           tally: _Agreement | None = None) -> tuple[dict[str, float], int]:
         pairs = [(e, k) for e in range(len(examples)) for k in range(len(examples[e].scored))]
         seqs = [examples[e].prompt_ids + examples[e].scored[k] for e, k in pairs]
@@ -277,16 +351,20 @@ class Evaluator:
         """Options can reuse their prompt's KV cache when every example has the same number of non-empty
         options and the model's cache can be repeated per option."""
         counts = {len(e.scored) for e in examples}
+        return (len(counts) == 1 and all(len(o) for e in examples for o in e.scored)
+                and all(e.prompt_ids for e in examples) and self._cache_reusable())
+
+    def _cache_reusable(self) -> bool:
+        """Whether a pass can continue on another pass's KV cache and the cache be repeated per row or cropped:
+        plain per-layer key/value caches over full attention. Right-padded prompts leave a gap before what
+        follows, which a sliding window would count."""
         text = self.mm.config.get_text_config()
         windowed = (getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
                     or getattr(text, "attention_chunk_size", None)
                     or any(t != "full_attention" for t in getattr(text, "layer_types", None) or ()))
-        # right-padded prompts leave a gap before the options, which a sliding window would count
-        return (len(counts) == 1 and all(len(o) for e in examples for o in e.scored)
-                and all(e.prompt_ids for e in examples)
-                and not windowed and self.mm.config.model_type not in _NO_CACHE_REPEAT)
+        return not windowed and self.mm.config.model_type not in _NO_CACHE_REPEAT
 
-    def _score_options(self, examples: list[_Example], say: ProgressFn, reference: list[torch.Tensor] | None,
+    def _score_options(self, examples: list[_Example], say: ProgressFn, reference: list[_Reference] | None,
                        tally: _Agreement | None) -> list[float]:
         """Option log-likelihoods with each prompt run once: its KV cache is repeated for the options, which
         then run together (about options-times fewer tokens than scoring prompt + option sequences)."""
@@ -299,13 +377,13 @@ class Evaluator:
         batches = self._batches([e.prompt_ids for e in examples], max(1, self.batch_size // n_opt))
         for done, idx in enumerate(batches, 1):
             plen = torch.tensor([len(examples[i].prompt_ids) for i in idx])
-            ids, mask = _right_padded([examples[i].prompt_ids for i in idx], pad)
+            ids, mask = _padded([examples[i].prompt_ids for i in idx], pad)
             first = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
             prompt_logp = F.log_softmax(first.logits.float(), dim=-1).cpu()
             cache = first.cache
             cache.batch_repeat_interleave(n_opt)
             options = [o for i in idx for o in examples[i].scored]
-            opt_ids, opt_mask = _right_padded(options, pad)
+            opt_ids, opt_mask = _padded(options, pad)
             positions = plen.repeat_interleave(n_opt)[:, None] + torch.arange(opt_ids.size(1))[None]
             full_mask = torch.cat([mask.repeat_interleave(n_opt, 0), opt_mask], dim=1)
             second = model(input_ids=opt_ids.to(device), attention_mask=full_mask.to(device),
@@ -326,27 +404,31 @@ class Evaluator:
         return out
 
     # ----- agreement with the unpruned model --------------------------------------------------
-    def _reference(self, key: tuple, examples: list[_Example], say: ProgressFn) -> list[torch.Tensor] | None:
-        """The unpruned model's log-probs (fp16) on each example's agreement text, computed once per task and
-        cached, or None when they would not fit the cache budget (then both models run batch by batch)."""
+    def _reference(self, key: tuple, examples: list[_Example], say: ProgressFn) -> list[_Reference] | None:
+        """The unpruned model on each example's agreement text, computed once per task and cached, or None
+        when its probabilities (fp16) would not fit the cache budget (then both models run batch by batch)."""
         if key in self._full_logprobs:
             return self._full_logprobs[key]
         seqs = [e.agreement_ids for e in examples]
         vocab = self.mm.model.config.get_text_config().vocab_size
         if sum(len(s) for s in seqs) * vocab * 2 > _FULL_CACHE_BYTES:
             return None
-        out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+        out: list[_Reference] = [None] * len(seqs)  # type: ignore[list-item]
         batches = self._batches(seqs)
         with masked(self.mm, None):
             for done, idx in enumerate(batches, 1):
-                logp = self._logprobs(seqs, idx)
-                for row, i in enumerate(idx):
-                    out[i] = logp[row, :len(seqs[i]) - 1].half()
+                for i, ref in zip(idx, self._references(seqs, idx)):
+                    out[i] = ref
                 say("unpruned reference", done, len(batches))
         self._full_logprobs[key] = out
         return out
 
-    def _agreement(self, examples: list[_Example], plan: Plan, reference: list[torch.Tensor] | None,
+    def _references(self, seqs: list[list[int]], idx: list[int]) -> list[_Reference]:
+        """The model as it is now (unpruned) on the sequences ``idx``, in the form agreement needs."""
+        logp = self._logprobs(seqs, idx)
+        return [_Reference.of(logp[row, :len(seqs[i]) - 1]) for row, i in enumerate(idx)]
+
+    def _agreement(self, examples: list[_Example], plan: Plan, reference: list[_Reference] | None,
                    tally: _Agreement, say: ProgressFn) -> None:
         """Teacher-forced pruned pass over the agreement texts (generative tasks, or no cached reference)."""
         seqs = [e.agreement_ids for e in examples]
@@ -354,40 +436,55 @@ class Evaluator:
         for done, idx in enumerate(batches, 1):
             if reference is None:
                 with masked(self.mm, None):
-                    full = self._logprobs(seqs, idx)
+                    full = self._references(seqs, idx)
             with masked(self.mm, plan):
                 pruned = self._logprobs(seqs, idx)
             for row, i in enumerate(idx):
-                length = len(seqs[i]) - 1
-                tally.add(reference[i] if reference is not None else full[row, :length], pruned[row, :length])
+                tally.add(reference[i] if reference is not None else full[row], pruned[row, :len(seqs[i]) - 1])
             say("comparing", done, len(batches))
 
 
-def _right_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) [B, T] of right-padded sequences."""
+def _padded(seqs: Sequence[Sequence[int]], pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) [B, T] of the sequences padded on the right (or the left)."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, s in enumerate(seqs):
-        ids[row, :len(s)] = torch.tensor(s)
-        mask[row, :len(s)] = 1
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[row, cols] = torch.tensor(s, dtype=torch.long)
+        mask[row, cols] = 1
     return ids, mask
 
 
 @dataclass
+class _Reference:
+    """The unpruned model on one agreement text: next-token probabilities P (fp16, the cache's precision),
+    its top-1 tokens and sum(P log p) per position, so that KL(full || pruned) costs one dot product per
+    position. Built the same way whether or not it is cached, so agreement never depends on the cache."""
+
+    probs: torch.Tensor   # [T, V] fp16
+    top1: torch.Tensor    # [T]
+    plogp: torch.Tensor   # [T] sum over the vocabulary of P * log p (log p in fp32)
+
+    @classmethod
+    def of(cls, logp: torch.Tensor) -> _Reference:
+        probs = logp.exp().half()
+        return cls(probs, logp.argmax(-1), (probs.float() * logp).sum(-1))
+
+
+@dataclass
 class _Agreement:
-    """Running top-1 agreement and KL(full || pruned) over tokens; both sides rounded to fp16 (the cache's
-    precision), so a result never depends on whether the reference came from the cache."""
+    """Running top-1 agreement and KL(full || pruned) over tokens."""
 
     agree: float = 0.0
     kl: float = 0.0
     tokens: int = 0
 
-    def add(self, full: torch.Tensor, pruned: torch.Tensor) -> None:
-        p, q = full.half().float(), pruned.half().float()
-        self.agree += float((p.argmax(-1) == q.argmax(-1)).sum())
-        self.kl += float((p.exp() * (p - q)).sum())
-        self.tokens += len(p)
+    def add(self, full: _Reference, pruned: torch.Tensor) -> None:
+        """``pruned``: the pruned model's log-probs [T, V] on the same positions as ``full``."""
+        self.agree += float((pruned.argmax(-1) == full.top1).sum())
+        self.kl += float((full.plogp - (full.probs.float() * pruned).sum(-1)).sum())
+        self.tokens += len(pruned)
 
     def result(self) -> dict[str, float]:
         return {"top1_agreement": self.agree / self.tokens, "mean_kl": self.kl / self.tokens}

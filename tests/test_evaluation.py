@@ -130,12 +130,14 @@ def test_plan_cost_by_hand(mm):
     assert plan_cost(mm, None)["active_params"] == info.active_params
 
 
-@pytest.mark.parametrize("kind", ["lm", "mc"])
+@pytest.mark.parametrize("kind", ["lm", "mc", "gen"])
 def test_agreement_is_the_same_with_or_without_the_cached_reference(mm, tmp_path, monkeypatch, kind):
     import core.evaluation as evaluation
 
     if kind == "lm":
         spec = write_task(tmp_path, "lm", [{"text": t} for t in PROMPTS], metric="lm_loss", text_field="text")
+    elif kind == "gen":  # agreement from the generation's prompt pass, or from a pass of its own
+        spec = gen_task(tmp_path)
     else:
         rows = [{"q": p, "options": ["cat", "dog!", "x"], "label": i % 3} for i, p in enumerate(PROMPTS)]
         spec = write_task(tmp_path, "mc", rows, metric="multiple_choice", prompt_template="{q}",
@@ -143,10 +145,50 @@ def test_agreement_is_the_same_with_or_without_the_cached_reference(mm, tmp_path
     cached = Evaluator(mm, batch_size=4).evaluate(spec, plan=PLAN)  # agreement from the scoring forward
     monkeypatch.setattr(evaluation, "_FULL_CACHE_BYTES", 0)  # too big to cache: separate passes, batch by batch
     separate = Evaluator(mm, batch_size=3).evaluate(spec, plan=PLAN)
-    # multiple choice scores options on the prompt's KV cache in the cached path and whole sequences in the
-    # separate one: the same log-probs to fp32 rounding, which fp16 rounding can turn into 1e-7-sized KL shifts
-    assert separate.agreement == pytest.approx(cached.agreement, rel=1e-6, abs=1e-6 if kind == "mc" else 0)
+    # multiple choice and generation continue on the prompt's KV cache in the cached path and run whole
+    # sequences in the separate one: the same log-probs to fp32 rounding, which can shift KL by 1e-7
+    assert separate.agreement == pytest.approx(cached.agreement, rel=1e-6, abs=0 if kind == "lm" else 1e-6)
     assert separate.metrics == pytest.approx(cached.metrics, rel=1e-6)
+
+
+def gen_task(tmp_path) -> TaskSpec:
+    """Exact-match generation on PROMPTS (references need not match: the tests compare two paths)."""
+    rows = [{"q": p, "answer": p[::-1][:3]} for p in PROMPTS]
+    return write_task(tmp_path, "gen", rows, metric="exact_match", prompt_template="{q}", answer_field="answer",
+                      target_prefix=" ", stop="", max_new_tokens=5)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_generation_on_the_prompt_cache_equals_generate(model_type, tmp_path, monkeypatch):
+    """Greedy decoding runs on the cache of one prompt pass that also gives the agreement (the reference
+    answer teacher-forced on that cache, then cropped off); predictions must equal ``model.generate``'s and
+    agreement a separate teacher-forced pass's, in every family where the cache allows it."""
+    mm = load_model(save_tiny(tmp_path / model_type, model_type))
+    spec = gen_task(tmp_path)  # no stop string: five tokens each, so every decoding step counts
+    plan = Plan(layers={layer: list(range(mm.top_k, mm.n_experts)) for layer in mm.layer_indices})
+    calls = []
+    monkeypatch.setattr(Evaluator, "_greedy", _spy(Evaluator._greedy, calls))
+    own = Evaluator(mm, batch_size=4).evaluate(spec, plan=plan)
+    monkeypatch.setattr(Evaluator, "_cache_reusable", lambda self: False)
+    generate = Evaluator(mm, batch_size=4).evaluate(spec, plan=plan)
+    assert calls or model_type != "mixtral"  # windowed and hybrid models decode with generate
+    assert own.predictions == generate.predictions
+    assert own.agreement == pytest.approx(generate.agreement, rel=1e-4, abs=1e-6)
+
+
+def test_scoring_batches_keep_to_the_token_budget(mm, tmp_path):
+    lengths = [5, 1, 9, 3, 3, 7, 2, 8, 4]
+    ev = Evaluator(mm, batch_size=3, token_budget=12)
+    batches = ev._batches([[0] * n for n in lengths])
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 3 and (len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 12)
+    assert [lengths[i] for b in batches for i in b] == sorted(lengths)  # little padding: sorted by length
+    spec = write_task(tmp_path, "lm", [{"text": t} for t in PROMPTS], metric="lm_loss", text_field="text")
+    small = Evaluator(mm, token_budget=1).evaluate(spec, plan=PLAN)  # one sequence per forward
+    large = Evaluator(mm, token_budget=10**6).evaluate(spec, plan=PLAN)
+    assert small.metrics == pytest.approx(large.metrics, rel=1e-6)
+    assert small.agreement == pytest.approx(large.agreement, rel=1e-5, abs=1e-7)  # fp32 rounding of a tiny KL
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
