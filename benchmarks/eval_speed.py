@@ -6,26 +6,34 @@ reference used for agreement, as the dashboard's first evaluation does), then ti
 other plans that keep 4 of 8 experts; the median is reported.
 
     python benchmarks/eval_speed.py [--model sample_data/model] [--tasks qa,arithmetic,qa_choice,code,prose]
+                                    [--baseline GIT_REVISION]
 
-This machine's speed drifts (a shared 2-core VM measured up to 2x apart within an hour), so the run also
-reports a speed index, the milliseconds of one fixed fp32 matrix product, taken before and after.
+This machine's speed drifts (a shared 2-core VM measured up to 2x apart within an hour), so the run reports
+a speed index, the milliseconds of one fixed fp32 matrix product, before and after; and ``--baseline``
+times the evaluation harness of another revision (its ``core/evaluation.py``) interleaved with this one,
+plan by plan, so that their ratio does not depend on the drift.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from core.evaluation import Evaluator  # noqa: E402
+from core import evaluation  # noqa: E402
 from core.model import load_model  # noqa: E402
 from core.plan import Plan  # noqa: E402
 
@@ -41,32 +49,59 @@ def speed_index() -> float:
     return round(1000 * statistics.median(times[3:]), 2)
 
 
+def harness_at(revision: str) -> ModuleType:
+    """``core/evaluation.py`` as it was at ``revision``, imported beside today's (it shares the rest of core)."""
+    source = subprocess.run(["git", "show", f"{revision}:core/evaluation.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "evaluation.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("core._baseline_evaluation", path)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "core"
+    sys.modules[spec.name] = module  # dataclasses look their module up while it runs
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sample_data/model")
     parser.add_argument("--tasks", default="qa,arithmetic,qa_choice,code,prose")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--baseline", help="a git revision whose evaluation harness to time alongside")
     args = parser.parse_args()
     mm = load_model(args.model)
-    evaluator = Evaluator(mm, batch_size=args.batch_size)
+    harnesses = {"current": evaluation}
+    if args.baseline:
+        harnesses["baseline"] = harness_at(args.baseline)
+    evaluators = {name: module.Evaluator(mm, batch_size=args.batch_size) for name, module in harnesses.items()}
     rng = np.random.default_rng(0)
-    out = {"threads": torch.get_num_threads(), "batch_size": args.batch_size, "speed_index_ms_before": speed_index()}
+    out = {"threads": torch.get_num_threads(), "batch_size": args.batch_size, "baseline": args.baseline,
+           "speed_index_ms_before": speed_index()}
     for task in args.tasks.split(","):
-        start = time.perf_counter()
-        full = evaluator.evaluate(task)
-        first = time.perf_counter() - start
-        times = []
-        for rep in range(args.reps + 1):
-            plan = Plan(layers={i: sorted(rng.choice(mm.n_experts, 4, replace=False).tolist())
-                                for i in mm.layer_indices})
+        plans = [Plan(layers={i: sorted(rng.choice(mm.n_experts, 4, replace=False).tolist()) for i in mm.layer_indices})
+                 for _ in range(args.reps + 1)]
+        row: dict = {}
+        times: dict[str, list[float]] = {name: [] for name in evaluators}
+        for name, evaluator in evaluators.items():
             start = time.perf_counter()
-            evaluator.evaluate(task, plan=plan)
-            if rep:  # the first plan is the warm-up
-                times.append(time.perf_counter() - start)
-        out[task] = {"examples": full.n_examples, "unpruned_first_s": round(first, 3),
-                     "masked_median_s": round(statistics.median(times), 3)}
-        print(task, out[task], flush=True)
+            full = evaluator.evaluate(task)
+            row["examples"] = full.n_examples
+            row[f"{name}_unpruned_first_s"] = round(time.perf_counter() - start, 3)
+            evaluator.evaluate(task, plan=plans[0])  # warm-up: fills the cached reference
+        for plan in plans[1:]:
+            for name, evaluator in evaluators.items():
+                start = time.perf_counter()
+                evaluator.evaluate(task, plan=plan)
+                times[name].append(time.perf_counter() - start)
+        for name, values in times.items():
+            row[f"{name}_masked_median_s"] = round(statistics.median(values), 3)
+        if args.baseline:
+            row["current_over_baseline"] = round(statistics.median(
+                c / b for c, b in zip(times["current"], times["baseline"])), 3)
+        out[task] = row
+        print(task, row, flush=True)
     out["speed_index_ms_after"] = speed_index()
     print(json.dumps(out))
 

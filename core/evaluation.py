@@ -375,10 +375,14 @@ class Evaluator:
         out = [0.0] * (len(examples) * n_opt)
         # the options pass holds batch_size rows, as other passes do
         batches = self._batches([e.prompt_ids for e in examples], max(1, self.batch_size // n_opt))
+        keep_last = reference is None and self._keeps_last_logits()
         for done, idx in enumerate(batches, 1):
             plen = torch.tensor([len(examples[i].prompt_ids) for i in idx])
             ids, mask = _padded([examples[i].prompt_ids for i in idx], pad)
-            first = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
+            # without agreement only each prompt's last position matters: the output layer runs there alone
+            last = torch.unique(plen - 1)
+            keep = {"logits_to_keep": last.to(device)} if keep_last else {}
+            first = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, **keep)
             prompt_logp = F.log_softmax(first.logits.float(), dim=-1).cpu()
             cache = first.cache
             cache.batch_repeat_interleave(n_opt)
@@ -389,17 +393,18 @@ class Evaluator:
             second = model(input_ids=opt_ids.to(device), attention_mask=full_mask.to(device),
                            position_ids=positions.to(device), cache=cache, use_cache=False)
             opt_logp = F.log_softmax(second.logits.float(), dim=-1).cpu()
+            # the prompt's last position predicts an option's first token, the option's own positions the rest
+            column = torch.searchsorted(last, plen - 1) if keep_last else plen - 1
+            rows = torch.arange(len(idx)).repeat_interleave(n_opt)
+            head = prompt_logp[rows, column.repeat_interleave(n_opt), opt_ids[:, 0]]
+            tail = opt_logp[:, :-1].gather(-1, opt_ids[:, 1:, None]).squeeze(-1) * opt_mask[:, 1:]
+            scores = (head + tail.sum(-1)).tolist()
             for row, i in enumerate(idx):
-                p = int(plen[row])
-                for k, option in enumerate(examples[i].scored):
-                    r = row * n_opt + k
-                    target = torch.tensor(option)
-                    # the prompt's last position predicts the option's first token; the option's own
-                    # positions predict the rest
-                    steps = torch.cat([prompt_logp[row, p - 1:p], opt_logp[r, :len(option) - 1]])
-                    out[i * n_opt + k] = float(steps[torch.arange(len(option)), target].sum())
-                    if reference is not None and tally is not None and k == max(examples[i].label, 0):
-                        tally.add(reference[i], torch.cat([prompt_logp[row, :p], opt_logp[r, :len(option) - 1]]))
+                out[i * n_opt:(i + 1) * n_opt] = scores[row * n_opt:(row + 1) * n_opt]
+                if reference is not None and tally is not None:
+                    p, k = int(plen[row]), max(examples[i].label, 0)
+                    agreed = opt_logp[row * n_opt + k, :len(examples[i].scored[k]) - 1]
+                    tally.add(reference[i], torch.cat([prompt_logp[row, :p], agreed]))
             say("scoring", done, len(batches))
         return out
 

@@ -211,6 +211,24 @@ def test_options_scored_on_a_shared_prompt_cache_equal_whole_sequences(model_typ
     assert fast.agreement == pytest.approx(whole.agreement, rel=1e-4, abs=1e-6)
 
 
+
+def test_option_log_likelihoods_on_the_shared_prompt_cache(mm, tmp_path):
+    """Each option's log-likelihood, with the prompt pass computing logits at every position (agreement
+    wanted) or at each prompt's last position only, against a direct whole-sequence computation."""
+    options = ["cat", "dog!", "x", "zebra"]
+    rows = [{"q": p, "options": options, "label": 0} for p in PROMPTS]
+    spec = write_task(tmp_path, "mc", rows, metric="multiple_choice", prompt_template="{q}", options_field="options",
+                      answer_field="label")
+    ev = Evaluator(mm, batch_size=8)
+    examples = ev._prepare(spec, "test", None)
+    direct = [sequence_logprob(mm, p, " " + o) for p in PROMPTS for o in options]
+    with torch.inference_mode():
+        last_only = ev._score_options(examples, lambda *_: None, None, None)
+        ev._keeps_last_logits = lambda: False
+        every = ev._score_options(examples, lambda *_: None, None, None)
+    assert last_only == pytest.approx(direct, rel=1e-4) and every == pytest.approx(direct, rel=1e-4)
+
+
 def _spy(fn, calls):
     def wrapper(*args, **kwargs):
         calls.append(1)
