@@ -33,8 +33,8 @@ def write_task(tmp_path, name, rows, **spec) -> TaskSpec:
 
 
 def greedy(mm: MoEModel, text: str, n: int) -> str:
-    """The model's greedy continuation of one unpadded prompt (bos + text), computed step by step and
-    ended by the end-of-sequence token."""
+    """The model's greedy continuation of one unpadded prompt (bos + text), computed step by step, ended by
+    the end-of-sequence token and decoded without special tokens, as the harness decodes."""
     ids = [mm.tokenizer.bos_token_id] + mm.tokenizer(text, add_special_tokens=False)["input_ids"]
     out = []
     with torch.no_grad():
@@ -44,7 +44,7 @@ def greedy(mm: MoEModel, text: str, n: int) -> str:
                 break
             ids.append(nxt)
             out.append(nxt)
-    return mm.tokenizer.decode(out)
+    return mm.tokenizer.decode(out, skip_special_tokens=True)
 
 
 def sequence_logprob(mm: MoEModel, prompt: str, continuation: str) -> float:
@@ -78,6 +78,20 @@ def test_generation_stops_at_the_stop_string(mm, tmp_path):
                       prompt_template="{q}", answer_field="answer", target_prefix="", stop=stop, max_new_tokens=6)
     result = evaluate(mm, spec)
     assert result.predictions == [raw.split(stop)[0].strip()]
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "olmoe", "qwen3_moe"])
+def test_rows_that_stop_at_different_steps(model_type, tmp_path):
+    """In one batch some rows produce the stop string at once and others never: every prediction must equal
+    its own unbatched greedy continuation cut at the stop string."""
+    mm = load_model(save_tiny(tmp_path / model_type, model_type))
+    raw = [greedy(mm, p, 8) for p in PROMPTS]
+    stop = min(raw, key=len)[0]  # a character some rows produce at once and others not at all
+    assert any(stop in r[:4] for r in raw) and sum(stop not in r for r in raw) >= 2, "rows must stop apart"
+    spec = write_task(tmp_path, "early", [{"q": p, "answer": "x"} for p in PROMPTS], metric="exact_match",
+                      prompt_template="{q}", answer_field="answer", target_prefix="", stop=stop, max_new_tokens=8)
+    result = Evaluator(mm, batch_size=6).evaluate(spec)
+    assert result.predictions == [r.split(stop)[0].strip() for r in raw]
 
 
 def test_lm_loss_matches_direct_computation(mm, tmp_path):
