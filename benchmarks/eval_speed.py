@@ -9,7 +9,8 @@ other plans that keep 4 of 8 experts; the median is reported.
                                     [--baseline GIT_REVISION]
 
 This machine's speed drifts (a shared 2-core VM measured up to 2x apart within an hour), so the run reports
-a speed index, the milliseconds of one fixed fp32 matrix product, before and after; and ``--baseline``
+a speed index, the milliseconds of one fixed fp32 matrix product, before and after the run and before each
+task; and ``--baseline``
 times the evaluation harness of another revision (its ``core/evaluation.py``) interleaved with this one,
 plan by plan, so that their ratio does not depend on the drift.
 """
@@ -82,7 +83,7 @@ def main() -> None:
     for task in args.tasks.split(","):
         plans = [Plan(layers={i: sorted(rng.choice(mm.n_experts, 4, replace=False).tolist()) for i in mm.layer_indices})
                  for _ in range(args.reps + 1)]
-        row: dict = {}
+        row: dict = {"speed_index_ms": speed_index()}
         times: dict[str, list[float]] = {name: [] for name in evaluators}
         for name, evaluator in evaluators.items():
             start = time.perf_counter()

@@ -120,7 +120,7 @@ class Evaluator:
                 else:
                     predictions = []
                     scores, tokens = self._score_likelihood(spec, examples, say, reference if compare else None, tally)
-            scoring = time.perf_counter() - scoring
+            scoring = time.perf_counter() - scoring - tally.seconds
             if compare and not tally.tokens:
                 self._agreement(examples, plan, reference, tally, say)
             seconds = time.perf_counter() - start
@@ -176,12 +176,15 @@ class Evaluator:
                 for i in range(len(tok)):
                     if stop in tok.decode([i]):
                         table[i] = True
-            # end-of-sequence as the tokenizer and the generation config (which ``generate`` obeys) name it
-            eos = getattr(getattr(self.mm.model, "generation_config", None), "eos_token_id", None)
-            for i in {tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}:
-                table[i] = True
+            table[self._eos_ids()] = True
             self._stop_ids[stop] = table
         return self._stop_ids[stop]
+
+    def _eos_ids(self) -> list[int]:
+        """End-of-sequence ids as the tokenizer and the model's generation config name them."""
+        eos = getattr(getattr(self.mm.model, "generation_config", None), "eos_token_id", None)
+        named = [] if eos is None else torch.as_tensor(eos).flatten().tolist()
+        return sorted({*named, self.mm.tokenizer.eos_token_id} - {None})
 
     def _generate(self, spec: TaskSpec, examples: list[_Example], say: ProgressFn,
                   reference: list[_Reference] | None = None, tally: _Agreement | None = None) -> tuple[list[str], int]:
@@ -205,11 +208,11 @@ class Evaluator:
             ids, mask = _padded([examples[i].prompt_ids for i in idx], pad, left=True)
             if own:
                 answers = [examples[i].agreement_ids[len(examples[i].prompt_ids):] for i in idx] if compare else None
-                new, pruned = self._greedy(ids, mask, spec.max_new_tokens, stop_table, pad, answers)
+                new, pruned, seconds = self._greedy(ids, mask, spec.max_new_tokens, stop_table, pad, answers)
                 if answers is not None and pruned is not None:
+                    tally.seconds += seconds  # type: ignore[union-attr]
                     for row, i in enumerate(idx):
                         tally.add(reference[i], pruned[row])  # type: ignore[union-attr,index]
-                    tokens += sum(map(len, answers))
             else:
                 new = self._hf_generate(ids, mask, spec.max_new_tokens, stop_table, pad)
             tokens += int(mask.sum()) + new.numel()
@@ -220,11 +223,12 @@ class Evaluator:
         return predictions, tokens
 
     def _greedy(self, ids: torch.Tensor, mask: torch.Tensor, max_new: int, stop_table: torch.Tensor, pad: int,
-                answers: list[list[int]] | None = None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Greedy continuations [B, <= max_new] of left-padded prompts, as ``generate`` makes them (finished
-        rows continue with padding). With ``answers`` (each row's reference continuation) also each row's
-        log-probs on prompt + answer, teacher-forced, for agreement: the prompt's from the prompt pass, the
-        answer's from one pass on the prompt's cache, which is then cropped back for decoding."""
+                answers: list[list[int]] | None = None) -> tuple[torch.Tensor, list[torch.Tensor] | None, float]:
+        """Greedy continuations [B, <= max_new] of left-padded prompts (pure greedy: no repetition penalty or
+        other processor a generation config may name; finished rows continue with padding). With ``answers``
+        (each row's reference continuation) also each row's log-probs on prompt + answer, teacher-forced, for
+        agreement: the prompt's from the prompt pass, the answer's from one pass on the prompt's cache, which
+        is then cropped back for decoding; and the seconds that agreement-only work took."""
         model = self.mm.model
         device = next(model.parameters()).device
         plen = mask.sum(-1).to(device)
@@ -233,7 +237,7 @@ class Evaluator:
         out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                     use_cache=True, **keep)
         cache, nxt = out.cache, out.logits[:, -1].argmax(-1)
-        texts = None
+        texts, start = None, time.perf_counter()
         if answers is not None:
             prompt_logp = F.log_softmax(out.logits.float(), dim=-1).cpu()
             ans_ids, ans_mask = _padded(answers, pad)
@@ -245,6 +249,7 @@ class Evaluator:
             width = ids.size(1)
             texts = [torch.cat([prompt_logp[row, width - int(plen[row]):], ans_logp[row, :len(a) - 1]])
                      for row, a in enumerate(answers)]
+        seconds = time.perf_counter() - start
         done = torch.zeros_like(nxt, dtype=torch.bool)
         steps = []
         for step in range(max_new):
@@ -257,7 +262,7 @@ class Evaluator:
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=(plen + step)[:, None],
                         cache=cache, use_cache=True)
             nxt = out.logits[:, -1].argmax(-1)
-        return torch.stack(steps, 1).cpu(), texts
+        return torch.stack(steps, 1).cpu(), texts, seconds
 
     def _hf_generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new: int, stop_table: torch.Tensor,
                      pad: int) -> torch.Tensor:
@@ -268,10 +273,18 @@ class Evaluator:
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
                 return stop_table[input_ids[:, -1]]
 
-        device = next(self.mm.model.parameters()).device
-        out = self.mm.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                     max_new_tokens=max_new, pad_token_id=pad,
-                                     stopping_criteria=StoppingCriteriaList([StopAtStopToken()]))
+        from transformers import GenerationConfig
+
+        model = self.mm.model
+        device = next(model.parameters()).device
+        saved = model.generation_config  # pure greedy, as _greedy decodes: none of the config's processors
+        model.generation_config = GenerationConfig(eos_token_id=self._eos_ids() or None, pad_token_id=pad)
+        try:
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new, pad_token_id=pad,
+                                 stopping_criteria=StoppingCriteriaList([StopAtStopToken()]))
+        finally:
+            model.generation_config = saved
         return out[:, ids.size(1):].cpu()
 
     def _keeps_last_logits(self) -> bool:
@@ -397,7 +410,8 @@ class Evaluator:
             column = torch.searchsorted(last, plen - 1) if keep_last else plen - 1
             rows = torch.arange(len(idx)).repeat_interleave(n_opt)
             head = prompt_logp[rows, column.repeat_interleave(n_opt), opt_ids[:, 0]]
-            tail = opt_logp[:, :-1].gather(-1, opt_ids[:, 1:, None]).squeeze(-1) * opt_mask[:, 1:]
+            tail = opt_logp[:, :-1].gather(-1, opt_ids[:, 1:, None]).squeeze(-1)
+            tail = torch.where(opt_mask[:, 1:].bool(), tail, 0.0)
             scores = (head + tail.sum(-1)).tolist()
             for row, i in enumerate(idx):
                 out[i * n_opt:(i + 1) * n_opt] = scores[row * n_opt:(row + 1) * n_opt]
@@ -461,6 +475,12 @@ def _padded(seqs: Sequence[Sequence[int]], pad: int, left: bool = False) -> tupl
     return ids, mask
 
 
+def _finite(logp: torch.Tensor) -> torch.Tensor:
+    """Log-probs with -inf (a masked vocabulary entry) made the lowest finite value, so that a zero
+    probability times it is 0 rather than NaN."""
+    return logp.clamp(min=torch.finfo(logp.dtype).min)
+
+
 @dataclass
 class _Reference:
     """The unpruned model on one agreement text: next-token probabilities P (fp16, the cache's precision),
@@ -474,7 +494,7 @@ class _Reference:
     @classmethod
     def of(cls, logp: torch.Tensor) -> _Reference:
         probs = logp.exp().half()
-        return cls(probs, logp.argmax(-1), (probs.float() * logp).sum(-1))
+        return cls(probs, logp.argmax(-1), (probs.float() * _finite(logp)).sum(-1))
 
 
 @dataclass
@@ -484,12 +504,15 @@ class _Agreement:
     agree: float = 0.0
     kl: float = 0.0
     tokens: int = 0
+    seconds: float = 0.0  # spent on agreement alone, which tokens/s leaves out
 
     def add(self, full: _Reference, pruned: torch.Tensor) -> None:
         """``pruned``: the pruned model's log-probs [T, V] on the same positions as ``full``."""
+        start = time.perf_counter()
         self.agree += float((pruned.argmax(-1) == full.top1).sum())
-        self.kl += float((full.plogp - (full.probs.float() * pruned).sum(-1)).sum())
+        self.kl += float((full.plogp - (full.probs.float() * _finite(pruned)).sum(-1)).sum())
         self.tokens += len(pruned)
+        self.seconds += time.perf_counter() - start
 
     def result(self) -> dict[str, float]:
         return {"top1_agreement": self.agree / self.tokens, "mean_kl": self.kl / self.tokens}

@@ -60,6 +60,8 @@ class TaskSpec:
             raise TaskError(f"task {self.name!r}: an lm_loss task needs text_field")
         if self.metric in ("squad", "exact_match") and not (self.prompt_template and self.answer_field):
             raise TaskError(f"task {self.name!r}: a {self.metric} task needs prompt_template and answer_field")
+        if self.metric in ("squad", "exact_match") and self.max_new_tokens < 1:
+            raise TaskError(f"task {self.name!r}: max_new_tokens must be at least 1 (it is {self.max_new_tokens})")
         if self.metric == "multiple_choice" and not (self.prompt_template and self.options_field and self.answer_field):
             raise TaskError(f"task {self.name!r}: a multiple_choice task needs prompt_template, options_field and answer_field (the label)")
 

@@ -94,6 +94,37 @@ def test_rows_that_stop_at_different_steps(model_type, tmp_path):
     assert result.predictions == [r.split(stop)[0].strip() for r in raw]
 
 
+@pytest.mark.parametrize("path", ["own", "generate"])
+def test_generation_stops_at_the_generation_configs_end_of_sequence(path, tmp_path, monkeypatch):
+    """An end-of-sequence id named only by the model's generation config (as instruct models do) ends an
+    answer on both decoding paths."""
+    mm = load_model(save_tiny(tmp_path / "tiny"))
+    raw = greedy(mm, "hello wor", 6)
+    ending = mm.tokenizer.convert_tokens_to_ids(raw[2])  # the model's third token: answers must end with it
+    mm.model.generation_config.eos_token_id = [mm.tokenizer.eos_token_id, ending]
+    if path == "generate":
+        monkeypatch.setattr(Evaluator, "_cache_reusable", lambda self: False)
+    spec = write_task(tmp_path, "eos", [{"q": "hello wor", "answer": "x"}], metric="exact_match",
+                      prompt_template="{q}", answer_field="answer", target_prefix="", stop="", max_new_tokens=6)
+    # (kept in the text because this stand-in is an ordinary character; a real one is a special token)
+    assert raw[3:].strip() and Evaluator(mm).evaluate(spec).predictions == [raw[:3].strip()]
+
+
+def test_agreement_with_masked_vocabulary_entries_is_finite():
+    """-inf log-probs (a vocabulary entry a model masks) give a finite KL, not NaN: 0 * -inf is avoided."""
+    from core.evaluation import _Agreement, _Reference
+
+    logits = torch.tensor([[2.0, 1.0, float("-inf")], [0.5, float("-inf"), 0.1]])
+    full = _Reference.of(torch.log_softmax(logits, -1))
+    tally = _Agreement()
+    tally.add(full, torch.log_softmax(logits.flip(-1), -1))
+    kl = tally.result()["mean_kl"]
+    assert kl == kl and kl > 0  # not NaN; finite where both sides mask the same entry
+    same = _Agreement()
+    same.add(full, torch.log_softmax(logits, -1))
+    assert same.result() == {"top1_agreement": 1.0, "mean_kl": pytest.approx(0.0, abs=1e-3)}
+
+
 def test_lm_loss_matches_direct_computation(mm, tmp_path):
     texts = ["hello world", "a", "the quick brown fox jumps"]
     spec = write_task(tmp_path, "lm", [{"text": t} for t in texts], metric="lm_loss", text_field="text")
@@ -179,6 +210,9 @@ def test_generation_on_the_prompt_cache_equals_generate(model_type, tmp_path, mo
     agreement a separate teacher-forced pass's, in every family where the cache allows it."""
     mm = load_model(save_tiny(tmp_path / model_type, model_type))
     spec = gen_task(tmp_path)  # no stop string: five tokens each, so every decoding step counts
+    # processors a generation config names are not applied: both paths decode pure greedy
+    mm.model.generation_config.repetition_penalty = 5.0
+    mm.model.generation_config.no_repeat_ngram_size = 1
     plan = Plan(layers={layer: list(range(mm.top_k, mm.n_experts)) for layer in mm.layer_indices})
     calls = []
     monkeypatch.setattr(Evaluator, "_greedy", _spy(Evaluator._greedy, calls))
@@ -188,6 +222,7 @@ def test_generation_on_the_prompt_cache_equals_generate(model_type, tmp_path, mo
     assert calls or model_type != "mixtral"  # windowed and hybrid models decode with generate
     assert own.predictions == generate.predictions
     assert own.agreement == pytest.approx(generate.agreement, rel=1e-4, abs=1e-6)
+    assert mm.model.generation_config.repetition_penalty == 5.0  # the model's own config is left as it was
 
 
 def test_scoring_batches_keep_to_the_token_budget(mm, tmp_path):

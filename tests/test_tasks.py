@@ -127,6 +127,12 @@ def test_missing_column_gives_clear_error(tmp_path):
         load_task(d, "test")
 
 
+def test_generation_needs_at_least_one_new_token(tmp_path):
+    d = _write_task(tmp_path, [{"expression": "1+1", "answer": "2"}], max_new_tokens=0)
+    with pytest.raises(TaskError, match="max_new_tokens must be at least 1"):
+        TaskSpec.from_json(d)
+
+
 def test_missing_file_and_split_give_clear_errors(tmp_path):
     d = _write_task(tmp_path, [{"expression": "1+1", "answer": "2"}], data_files={"test": "nope.jsonl", "validation": "v.jsonl"})
     with pytest.raises(TaskError, match="nope.jsonl is missing"):
