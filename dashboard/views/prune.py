@@ -102,8 +102,9 @@ def bench_panel() -> None:
     limit = c6.select_slider("Test examples per task", LIMITS, value=50, key="prune_limit", persist_state="session",
                              format_func=lambda v: "all" if v == 0 else str(v))
     agreement = st.toggle("Agreement with the full model (top-1, KL)", key="prune_agreement",
-                          persist_state="session", help="An extra teacher-forced pass per task for generative "
-                                                        "tasks; off keeps updates quick.")
+                          persist_state="session", help="Computes the full model's reference once per task and "
+                                                        "next-token log-probs at every position of each example; "
+                                                        "off keeps updates quickest.")
     params, calibration_limit = search_settings(method)
     request = PlanRequest(method, calibration, keep=None if method == "top_k" else keep,
                           ratio=0.0 if method == "top_k" else None, top_k=top_k,
