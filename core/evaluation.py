@@ -267,13 +267,11 @@ class Evaluator:
     def _hf_generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new: int, stop_table: torch.Tensor,
                      pad: int) -> torch.Tensor:
         """``model.generate``'s greedy continuations, for models whose cache :meth:`_greedy` cannot crop."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
         class StopAtStopToken(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
                 return stop_table[input_ids[:, -1]]
-
-        from transformers import GenerationConfig
 
         model = self.mm.model
         device = next(model.parameters()).device
