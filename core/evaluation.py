@@ -505,10 +505,17 @@ class _Agreement:
     seconds: float = 0.0  # spent on agreement alone, which tokens/s leaves out
 
     def add(self, full: _Reference, pruned: torch.Tensor) -> None:
-        """``pruned``: the pruned model's log-probs [T, V] on the same positions as ``full``."""
+        """``pruned``: the pruned model's log-probs [T, V] on the same positions as ``full``. Top-1 agrees where
+        the full model's top token is (one of) the pruned model's most likely; only sums over positions are
+        kept, so the KL's cross term is one dot product over the whole text (an elementwise product and
+        argmax took ~8x longer, measured on the code task)."""
         start = time.perf_counter()
-        self.agree += float((pruned.argmax(-1) == full.top1).sum())
-        self.kl += float((full.plogp - (full.probs.float() * _finite(pruned)).sum(-1)).sum())
+        at_full_top1 = pruned.gather(-1, full.top1[:, None]).squeeze(-1)
+        self.agree += float((at_full_top1 >= pruned.amax(-1)).sum())
+        cross = torch.dot(full.probs.reshape(-1).float(), pruned.reshape(-1))  # sum of P log p_pruned
+        if not torch.isfinite(cross):  # a -inf log-prob: 0 * -inf gave NaN; count it as the lowest finite value
+            cross = (full.probs.float() * _finite(pruned)).sum()
+        self.kl += float(full.plogp.sum()) - float(cross)
         self.tokens += len(pruned)
         self.seconds += time.perf_counter() - start
 

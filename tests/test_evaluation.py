@@ -125,6 +125,27 @@ def test_agreement_with_masked_vocabulary_entries_is_finite():
     assert same.result() == {"top1_agreement": 1.0, "mean_kl": pytest.approx(0.0, abs=1e-3)}
 
 
+def test_agreement_tally_matches_per_position_definition():
+    """Top-1 agreement and mean KL(full || pruned), summed over several texts, equal their per-position
+    definitions computed directly (the tally keeps only sums, so a wrong sum or sign shows here)."""
+    from core.evaluation import _Agreement, _Reference
+
+    gen = torch.Generator().manual_seed(0)
+    tally, agree, kl, n = _Agreement(), 0.0, 0.0, 0
+    for length in (7, 1, 30):
+        full = torch.log_softmax(torch.randn(length, 50, generator=gen) * 3, -1)
+        # a pruned model near the full one, so that some positions agree and some do not
+        pruned = torch.log_softmax(full + torch.randn(length, 50, generator=gen), -1)
+        tally.add(_Reference.of(full), pruned)
+        agree += float((pruned.argmax(-1) == full.argmax(-1)).sum())
+        kl += float((full.exp() * (full - pruned)).sum())
+        n += length
+    result = tally.result()
+    assert 0 < agree < n
+    assert result["top1_agreement"] == pytest.approx(agree / n)
+    assert result["mean_kl"] == pytest.approx(kl / n, rel=2e-3)  # P is kept in fp16
+
+
 def test_lm_loss_matches_direct_computation(mm, tmp_path):
     texts = ["hello world", "a", "the quick brown fox jumps"]
     spec = write_task(tmp_path, "lm", [{"text": t} for t in texts], metric="lm_loss", text_field="text")
