@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
+from .kv_cache import GrowingCache
 from .masking import masked
 from .model import MoEModel
 from .plan import Plan
@@ -235,7 +236,7 @@ class Evaluator:
         mask = mask.to(device)
         keep = {} if answers is not None or not self._keeps_last_logits() else {"logits_to_keep": 1}
         out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                    use_cache=True, **keep)
+                    cache=GrowingCache(), use_cache=True, **keep)
         cache, nxt = out.cache, out.logits[:, -1].argmax(-1)
         texts, start = None, time.perf_counter()
         if answers is not None:
