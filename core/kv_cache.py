@@ -19,6 +19,11 @@ class GrowingLayer(DynamicLayer):
 
     headroom = 64  # spare positions added whenever the buffer is full: a few dozen decoding steps per copy
 
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
@@ -35,7 +40,7 @@ class GrowingLayer(DynamicLayer):
     def _buffer_holds(self, length: int, key_states: torch.Tensor) -> bool:
         """Whether ``keys`` still views the buffer (cropping keeps it; batch reordering replaces it) with room
         for ``length`` positions of this batch."""
-        buffer = getattr(self, "_key_buffer", None)
+        buffer = self._key_buffer
         return (buffer is not None and self.keys.data_ptr() == buffer.data_ptr()
                 and buffer.shape[:2] == key_states.shape[:2] and length <= buffer.shape[-2])
 
