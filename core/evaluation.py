@@ -448,7 +448,8 @@ class Evaluator:
 
     def _agreement(self, examples: list[_Example], plan: Plan, reference: list[_Reference] | None,
                    tally: _Agreement, say: ProgressFn) -> None:
-        """Teacher-forced pruned pass over the agreement texts (generative tasks, or no cached reference)."""
+        """Teacher-forced pruned pass over the agreement texts, where the task's own forwards could not yield
+        the agreement (no cached reference, or generation with ``model.generate``)."""
         seqs = [e.agreement_ids for e in examples]
         batches = self._batches(seqs)
         for done, idx in enumerate(batches, 1):
@@ -483,17 +484,17 @@ def _finite(logp: torch.Tensor) -> torch.Tensor:
 @dataclass
 class _Reference:
     """The unpruned model on one agreement text: next-token probabilities P (fp16, the cache's precision),
-    its top-1 tokens and sum(P log p) per position, so that KL(full || pruned) costs one dot product per
-    position. Built the same way whether or not it is cached, so agreement never depends on the cache."""
+    its top-1 tokens and the text's sum of P log p, so that KL(full || pruned) over the text costs one dot
+    product. Built the same way whether or not it is cached, so agreement never depends on the cache."""
 
     probs: torch.Tensor   # [T, V] fp16
     top1: torch.Tensor    # [T]
-    plogp: torch.Tensor   # [T] sum over the vocabulary of P * log p (log p in fp32)
+    plogp: float          # sum over positions and vocabulary of P * log p (log p in fp32)
 
     @classmethod
     def of(cls, logp: torch.Tensor) -> _Reference:
         probs = logp.exp().half()
-        return cls(probs, logp.argmax(-1), (probs.float() * _finite(logp)).sum(-1))
+        return cls(probs, logp.argmax(-1), float((probs.float() * _finite(logp)).sum()))
 
 
 @dataclass
@@ -516,7 +517,7 @@ class _Agreement:
         cross = torch.dot(full.probs.reshape(-1).float(), pruned.reshape(-1))  # sum of P log p_pruned
         if not torch.isfinite(cross):  # a -inf log-prob: 0 * -inf gave NaN; count it as the lowest finite value
             cross = (full.probs.float() * _finite(pruned)).sum()
-        self.kl += float(full.plogp.sum()) - float(cross)
+        self.kl += full.plogp - float(cross)
         self.tokens += len(pruned)
         self.seconds += time.perf_counter() - start
 

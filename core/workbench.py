@@ -182,8 +182,8 @@ class Workbench:
     def compare(self, plan: Plan | None, tasks: Sequence[str], split: str = "test", limit: int | None = None,
                 progress: Callable[[str, int, int], None] | None = None, agreement: bool = True) -> Comparison:
         """Evaluate ``plan`` and the unpruned model on each task (both cached by the evaluator); with
-        ``agreement`` also top-1 agreement and KL against the unpruned model (an extra teacher-forced pass
-        for generative tasks)."""
+        ``agreement`` also top-1 agreement and KL against the unpruned model (its reference computed once
+        per task, and log-probs at every position of each example)."""
         started = time.perf_counter()
         rows, agreements, cost = [], [], {}
         for name in tasks:
