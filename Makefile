@@ -19,11 +19,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The main job: the dashboard on the bundled sample model, at http://localhost:8501 (bound to localhost by
-# .streamlit/config.toml). Another model: make run MODEL=path/or/hub-id
+# The main job: the dashboard on the bundled sample model, at http://127.0.0.1:8501 (this machine only,
+# whatever folder it is started from). Another model: make run MODEL=path/or/hub-id
 MODEL ?=
 run: $(STAMP)
-	MOESCOPE_MODEL="$(MODEL)" $(PY) -m streamlit run dashboard/app.py
+	$(VENV)/bin/moescope dashboard $(MODEL)
 
 bench: $(STAMP)
 	$(PY) benchmarks/profile_overhead.py

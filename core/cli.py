@@ -9,8 +9,54 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import MoEScopeError
-from .io import refuse_existing
+from .errors import MoEScopeError, user_message
+from .outputs import check_output
+
+
+# ----- argument types: a bad value is refused by argparse with one line, before anything runs -------------
+def _integer(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is too small; {what}")
+        return value
+    return parse
+
+
+POSITIVE = _integer(1, "give 1 or more")
+NON_NEGATIVE = _integer(0, "give 0 or more")
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1); give the fraction of experts to remove")
+    return value
+
+
+def _list_of(parse, what: str):
+    def parse_list(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"give at least one {what}, comma-separated")
+        values = []
+        for item in items:
+            try:
+                values.append(parse(item))
+            except argparse.ArgumentTypeError as exc:
+                raise argparse.ArgumentTypeError(f"{what} {exc}") from None
+        return values
+    return parse_list
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -48,6 +94,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     tasks = dict(read_task_texts(t, args.text_field) for t in args.task)
     if args.limit:
         tasks = {k: v[:args.limit] for k, v in tasks.items()}
+    check_output(args.out, "profile", args.overwrite, sources=[args.model])  # before the model loads
     sharding = Sharding.from_env(args.batches_per_shard)
     if sharding.world > 1 and "MASTER_ADDR" in os.environ:
         import torch.distributed as dist
@@ -58,7 +105,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
     plan = Plan.load(args.plan) if args.plan else None
     out = profile_texts(mm, tasks, args.out, batch_size=args.batch_size, max_length=args.max_length,
                         max_new_tokens=args.max_new_tokens, with_probs=args.probs, plan=plan,
-                        progress=sharding.rank == 0, sharding=sharding)
+                        progress=sharding.rank == 0, sharding=sharding, overwrite=args.overwrite,
+                        keep_shards=args.keep_shards)
     if out.suffix == ".parquet":
         if sharding.rank == 0:
             print(f"wrote {out} and {out.with_suffix('.json').name}")
@@ -72,8 +120,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .plan import Plan
 
     plan = Plan.load(args.plan)
-    refuse_existing(Path(args.out), args.overwrite)
+    check_output(args.out, "export", args.overwrite, sources=[args.model])  # before the model loads
     mm = _load(args)
+    _warn_plan_source(plan, mm)
     out = export_pruned(mm, plan, args.out, overwrite=args.overwrite, progress=lambda m: print(f"... {m}"))
     print(f"exported to {out} ({directory_bytes(out) / 1e6:.1f} MB)")
 
@@ -109,17 +158,52 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(json.dumps([{k: v for k, v in r.to_dict().items() if k != "predictions"} for r in results], indent=2))
 
 
-def _parse_params(items: list[str]) -> dict:
+def _parse_params(items: list[str], method: str) -> dict:
+    """``--param name=value`` items, checked against the method's own parameters and their types."""
+    import dataclasses
+
+    from .methods import METHODS
+
+    fields = {f.name: f for f in dataclasses.fields(METHODS[method])} if method in METHODS else {}
     params = {}
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.replace("-", "_")
         if not sep:
             raise MoEScopeError(f"--param {item!r} must look like name=value.")
+        if fields and (key not in fields or key in ("name", "should_stop")):
+            known = ", ".join(n for n in fields if n not in ("name", "should_stop"))
+            raise MoEScopeError(f"Bad --param for {method}: it has no parameter {key!r}; its parameters are "
+                                f"{known}.")
         try:
-            params[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key.replace("-", "_")] = value
+            parsed = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            parsed = value
+        default = fields[key].default if key in fields else None
+        if isinstance(default, bool):
+            ok = isinstance(parsed, bool)
+        elif isinstance(default, int):
+            ok = isinstance(parsed, int) and not isinstance(parsed, bool) and parsed >= 0
+        elif isinstance(default, float):
+            ok = isinstance(parsed, (int, float)) and not isinstance(parsed, bool) and parsed >= 0
+        else:
+            ok = parsed is None or isinstance(parsed, (str, int, float))
+        if not ok:
+            kind = type(default).__name__ if default is not None else "a plain value"
+            raise MoEScopeError(f"Bad --param for {method}: {key}={value} is not valid; {key} takes {kind}"
+                                f"{' (0 or more)' if isinstance(default, (int, float)) and not isinstance(default, bool) else ''}.")
+        params[key] = float(parsed) if isinstance(default, float) else parsed
     return params
+
+
+def _warn_plan_source(plan, mm) -> None:
+    """A plan made on another model may still fit this one; say so (export records the real source)."""
+    if plan.model and plan.model != mm.source:
+        same = Path(plan.model).expanduser().exists() and Path(mm.source).expanduser().exists() and \
+            Path(plan.model).expanduser().resolve() == Path(mm.source).expanduser().resolve()
+        if not same:
+            print(f"warning: the plan was made on {plan.model}, not on {mm.source}; it is applied to {mm.source}.",
+                  file=sys.stderr)
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -127,7 +211,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
     from .methods import Calibration, Target, make_method
 
-    params = _parse_params(args.param)
+    params = _parse_params(args.param, args.method)
     if args.seed is not None:
         params["seed"] = args.seed
     if args.state:
@@ -138,7 +222,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         raise MoEScopeError(f"Bad --param for {args.method}: {exc}.") from None
     target = Target(keep=args.keep, ratio=None if args.keep else args.ratio, top_k=args.top_k)
     calibration = Calibration.of(args.task, split=args.split, limit=args.limit or None)
-    refuse_existing(Path(args.out), args.overwrite)
+    check_output(args.out, "plan", args.overwrite, sources=[args.model])
     mm = _load(args)
     bar = tqdm(total=1000, desc=args.method, bar_format="{l_bar}{bar}| {elapsed} {postfix}")
 
@@ -158,15 +242,13 @@ def cmd_prune(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from .sweep import run_sweep, save_table
 
-    def split(text: str) -> list[str]:
-        return [t for t in text.split(",") if t]
-
-    ratios = [float(r) for r in split(args.ratios)]
-    refuse_existing(Path(args.out), args.overwrite)
+    if Path(args.out).suffix not in (".csv", ".parquet"):
+        raise MoEScopeError(f"{args.out} must end in .csv or .parquet.")
+    check_output(args.out, "table", args.overwrite, sources=[args.model])
     mm = _load(args)
-    table = run_sweep(mm, split(args.methods), ratios, split(args.tasks),
-                      calibration_tasks=split(args.calibration_tasks) or None, top_k=args.top_k,
-                      seeds=[int(s) for s in split(args.seeds)], limit=args.limit or None,
+    table = run_sweep(mm, args.methods, args.ratios, args.tasks,
+                      calibration_tasks=args.calibration_tasks or None, top_k=args.top_k,
+                      seeds=args.seeds, limit=args.limit or None,
                       calibration_limit=args.calibration_limit or None,
                       progress=lambda what, done, total: print(f"[{done}/{total}] {what}", flush=True))
     save_table(table, args.out)
@@ -182,12 +264,40 @@ def cmd_train_sample(args: argparse.Namespace) -> None:
 def cmd_merge_profiles(args: argparse.Namespace) -> None:
     from .profile import merge_profiles
 
-    out = merge_profiles(args.profiles, args.out)
+    out = merge_profiles(args.profiles, args.out, overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
+def dashboard_command(model: str | None, port: int, address: str = "127.0.0.1") -> list[str]:
+    """The Streamlit command line: address, port and upload limit explicit, so no config file in the
+    current directory decides them."""
+    app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+    return [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", address,
+            "--server.port", str(port), "--server.headless", "true", "--server.maxUploadSize", str(UPLOAD_LIMIT_MB),
+            "--browser.gatherUsageStats", "false"]
+
+
+UPLOAD_LIMIT_MB = 50  # plans and sweep tables; profiles are loaded by path
+
+
+def cmd_dashboard(args: argparse.Namespace) -> None:
+    import subprocess
+
+    env = dict(os.environ)
+    if args.model:
+        env["MOESCOPE_MODEL"] = args.model
+    command = dashboard_command(args.model, args.port)
+    print(f"MoEScope dashboard at http://{command[command.index('--server.address') + 1]}:{args.port} "
+          f"(this machine only; Ctrl+C stops it)", flush=True)
+    try:
+        subprocess.run(command, env=env, check=False)
+    except KeyboardInterrupt:
+        pass
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moescope", description=__doc__)
+    parser = argparse.ArgumentParser(prog="moescope", description=__doc__,
+                                     epilog="Add --debug anywhere to see the traceback of an unexpected error.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="summarise a MoE model: family, MoE layers, experts, parameters")
@@ -201,21 +311,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".txt (one text per line) or .jsonl with a text field; repeat for several tasks")
     p.add_argument("--text-field", default="text")
     p.add_argument("--out", required=True, help="profile path ending in .parquet (sidecar .json beside it)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--max-new-tokens", type=int, default=0, help="also generate and record decode steps")
-    p.add_argument("--limit", type=int, default=0, help="at most this many texts per task")
+    p.add_argument("--batch-size", type=POSITIVE, default=8)
+    p.add_argument("--max-length", type=POSITIVE, default=512)
+    p.add_argument("--max-new-tokens", type=NON_NEGATIVE, default=0, help="also generate and record decode steps")
+    p.add_argument("--limit", type=NON_NEGATIVE, default=0, help="at most this many texts per task")
     p.add_argument("--probs", action="store_true", help="also store full router probabilities")
     p.add_argument("--plan", help="record under a pruning plan (masked experts)")
-    p.add_argument("--batches-per-shard", type=int, default=16,
+    p.add_argument("--batches-per-shard", type=POSITIVE, default=16,
                    help="shard size in batches when the work is split (torchrun, Slurm array) or resumed")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier MoEScope profile at --out")
+    p.add_argument("--keep-shards", action="store_true",
+                   help="keep OUT.parts/ (the per-shard files) after they are merged into --out")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("export", help="write a physically pruned checkpoint from a plan")
     _model_args(p)
     p.add_argument("--plan", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier MoEScope export at --out")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="score tasks, optionally under a pruning plan, against the full model")
@@ -224,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a sample task name (qa, arithmetic, code, prose, qa_choice) or a task.json; repeatable")
     p.add_argument("--plan", help="evaluate with this plan's experts masked")
     p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, default=0, help="at most this many examples")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=NON_NEGATIVE, default=0, help="at most this many examples (0: all)")
+    p.add_argument("--batch-size", type=POSITIVE, default=32)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -233,33 +346,36 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--method", required=True, help="random, frequency, soft_activation, reap, naee, "
                                                    "dynamic_skip, top_k, eep")
-    p.add_argument("--ratio", type=float, default=0.5, help="fraction of experts removed per layer (default 0.5)")
-    p.add_argument("--keep", type=int, help="experts kept per layer (instead of --ratio)")
-    p.add_argument("--top-k", type=int, help="route each token to this many experts")
+    p.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of experts removed per layer (default 0.5)")
+    p.add_argument("--keep", type=POSITIVE, help="experts kept per layer (instead of --ratio)")
+    p.add_argument("--top-k", type=POSITIVE, help="route each token to this many experts")
     p.add_argument("--task", required=True, help="calibration task: a sample task name or a task.json")
     p.add_argument("--split", default="calibration")
-    p.add_argument("--limit", type=int, default=0, help="at most this many calibration examples")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--limit", type=NON_NEGATIVE, default=0, help="at most this many calibration examples")
+    p.add_argument("--seed", type=NON_NEGATIVE)
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="method parameter, e.g. --param generations=20 (repeatable)")
     p.add_argument("--state", help="EEP: save the search here each generation and resume from it")
     p.add_argument("--out", required=True, help="plan JSON to write")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier MoEScope plan at --out")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("sweep", help="methods x ratios x tasks -> a CSV/Parquet table of metrics, size, speed")
     _model_args(p)
-    p.add_argument("--methods", default="random,frequency,soft_activation,eep", help="comma-separated")
-    p.add_argument("--ratios", default="0.25,0.5,0.75", help="fractions of experts removed, comma-separated")
-    p.add_argument("--tasks", required=True, help="evaluation tasks, comma-separated")
-    p.add_argument("--calibration-tasks", default="",
+    p.add_argument("--methods", type=_list_of(str, "method"), default="random,frequency,soft_activation,eep",
+                   help="comma-separated")
+    p.add_argument("--ratios", type=_list_of(_ratio, "ratio"), default="0.25,0.5,0.75",
+                   help="fractions of experts removed, comma-separated")
+    p.add_argument("--tasks", type=_list_of(str, "task"), required=True, help="evaluation tasks, comma-separated")
+    p.add_argument("--calibration-tasks", type=_names, default="",
                    help="calibrate on these (each plan evaluated on every task); default: each task on itself")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seeds", default="0", help="seeds for random and EEP, comma-separated")
-    p.add_argument("--limit", type=int, default=0, help="at most this many test examples per task")
-    p.add_argument("--calibration-limit", type=int, default=0)
+    p.add_argument("--top-k", type=POSITIVE)
+    p.add_argument("--seeds", type=_list_of(NON_NEGATIVE, "seed"), default="0",
+                   help="seeds for random and EEP, comma-separated")
+    p.add_argument("--limit", type=NON_NEGATIVE, default=0, help="at most this many test examples per task")
+    p.add_argument("--calibration-limit", type=NON_NEGATIVE, default=0)
     p.add_argument("--out", required=True, help="table to write (.csv or .parquet)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier MoEScope sweep table at --out")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("train-sample", help="train the bundled sample MoE model on CPU (about 45 minutes)",
@@ -270,11 +386,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge-profiles", help="combine profiles of disjoint shards into one")
     p.add_argument("profiles", nargs="+")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier MoEScope profile at --out")
     p.set_defaults(func=cmd_merge_profiles)
+
+    p = sub.add_parser("dashboard", help="open the dashboard at http://127.0.0.1:PORT (this machine only)")
+    p.add_argument("model", nargs="?", help="model directory or hub id (default: the bundled sample model)")
+    p.add_argument("--port", type=_integer(1, "give a port from 1 to 65535"), default=8501)
+    p.set_defaults(func=cmd_dashboard)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Bad input of any kind prints one ``error:`` line and returns 2; an unexpected error
+    prints one line too (``--debug``, anywhere on the command line, shows its traceback) and returns 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.func is cmd_train_sample:  # its options belong to core.sample_training
@@ -283,12 +410,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
-    except MoEScopeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
+        if debug:
+            raise
+        message = user_message(exc)
+        if message is None:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            print(f"error: unexpected {type(exc).__name__}: {first[:300]} (run with --debug for the traceback)",
+                  file=sys.stderr)
+            return 1
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -16,11 +16,12 @@ import torch
 from .adapters import set_field
 from .errors import MoEScopeError
 from .io import atomic_directory
+from .outputs import EXPORT_MARKER, check_output, output_lock
 from .masking import mapped_router_state, merged_expert_tensor, slice_router_state
 from .model import MoEModel
 from .plan import Plan, validate_plan
 
-PLAN_FILENAME = "moescope-plan.json"
+PLAN_FILENAME = EXPORT_MARKER  # its presence marks a directory as an export MoEScope may replace
 
 
 def pruned_state_dict(mm: MoEModel, plan: Plan) -> dict[str, torch.Tensor]:
@@ -79,21 +80,26 @@ def build_pruned_model(mm: MoEModel, plan: Plan, device: str | torch.device = "c
 
 def export_pruned(mm: MoEModel, plan: Plan, out_dir: str | Path, overwrite: bool = False,
                   progress: Callable[[str], None] | None = None) -> Path:
-    """Write the pruned checkpoint (config, safetensors, tokenizer, plan) to ``out_dir`` atomically."""
+    """Write the pruned checkpoint (config, safetensors, tokenizer, plan) to ``out_dir`` atomically.
+
+    ``out_dir`` must be new, or an earlier MoEScope export when ``overwrite``; it may never be, hold or lie
+    inside the source model (``core.outputs.check_output``). It is locked for the export.
+    """
     validate_plan(plan, mm.routing_spec(), for_export=True)
-    out_dir = Path(out_dir).expanduser().resolve()
-    source = Path(mm.source).expanduser()
-    if source.is_dir() and (out_dir == source.resolve() or source.resolve() in out_dir.parents):
-        raise MoEScopeError(f"{out_dir} is inside the source model {source}; export to a separate directory.")
     say = progress or (lambda _msg: None)
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    sources = [mm.source] + [p for p in (getattr(mm.model, "name_or_path", None),) if p]
+    out_dir = check_output(out_dir, "export", overwrite, sources=sources)
+    with output_lock(out_dir), atomic_directory(check_output(out_dir, "export", overwrite, sources=sources)) as tmp:
         say("slicing experts and building the pruned model")
         pruned = build_pruned_model(mm, plan)
         say("writing safetensors")
         pruned.save_pretrained(tmp)
         if mm.tokenizer is not None:
             mm.tokenizer.save_pretrained(tmp)
-        exported = Plan(layers=plan.layers, top_k=plan.top_k, model=plan.model or mm.source, extra=plan.extra)
+        extra = dict(plan.extra)
+        if plan.model and plan.model != mm.source:
+            extra["planned_on"] = plan.model  # the plan was made on another model; record where it was applied
+        exported = Plan(layers=plan.layers, top_k=plan.top_k, model=mm.source, extra=extra)
         exported.save(tmp / PLAN_FILENAME)
     say(f"wrote {out_dir}")
     return out_dir

@@ -7,6 +7,7 @@ under its final name once complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import defaultdict
@@ -23,7 +24,8 @@ import pyarrow.compute  # noqa: F401  (imported now: its first use costs ~0.2 s 
 import pyarrow.parquet as pq
 
 from .errors import MoEScopeError
-from .io import atomic_write_text
+from .io import atomic_write_text, temporary_name
+from .outputs import check_output, output_lock
 
 if TYPE_CHECKING:
     import torch
@@ -69,6 +71,7 @@ class ProfileMeta:
     plan_digest: str | None = None
     with_probs: bool = False
     shards: list[str] = field(default_factory=list)
+    fingerprint: str = ""  # digest of everything that determines the rows (see core.profiling.run_fingerprint)
     format: str = PROFILE_FORMAT
     version: int = PROFILE_VERSION
 
@@ -83,9 +86,34 @@ class ProfileMeta:
                                 f"this model, or load the model it came from.")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ProfileMeta":
+    def from_dict(cls, data: Any) -> "ProfileMeta":
+        """The sidecar's fields, type-checked where they enter (TypeError names the first bad field)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"it holds a JSON {type(data).__name__}, not an object")
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        meta = cls(**{k: v for k, v in data.items() if k in known})
+        meta._check_types()
+        return meta
+
+    def _check_types(self) -> None:
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        checks = {
+            "model": isinstance(self.model, str), "weights_digest": isinstance(self.weights_digest, str),
+            "family": isinstance(self.family, str),
+            "layers": isinstance(self.layers, list) and all(is_int(v) and v >= 0 for v in self.layers),
+            "n_experts": is_int(self.n_experts) and self.n_experts >= 1,
+            "top_k": is_int(self.top_k) and 1 <= self.top_k <= (self.n_experts if is_int(self.n_experts) else 0),
+            "tasks": isinstance(self.tasks, list) and all(isinstance(t, str) for t in self.tasks),
+            "rows": is_int(self.rows) and self.rows >= 0, "tokens": is_int(self.tokens) and self.tokens >= 0,
+            "with_probs": isinstance(self.with_probs, bool), "version": is_int(self.version),
+            "format": isinstance(self.format, str), "fingerprint": isinstance(self.fingerprint, str),
+            "shards": isinstance(self.shards, list),
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise TypeError(f"field {bad[0]!r} has the wrong type or range ({getattr(self, bad[0])!r:.60})")
 
 
 def sidecar_path(path: Path) -> Path:
@@ -162,13 +190,18 @@ class ProfileWriter:
         self.meta = meta
         self.flush_rows = flush_rows
         self._schema = schema(meta.with_probs)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        # Dictionary-encode and keep statistics only where they pay: task names repeat, and min/max of the
-        # scalar columns let readers skip row groups; list columns get neither (3x faster writes).
-        self._writer = pq.ParquetWriter(self._tmp, self._schema, compression="zstd", compression_level=1,
-                                        use_dictionary=["task"],
-                                        write_statistics=["task", "example", "position", "layer", "step"])
+        self._tmp = temporary_name(self.path)
+        # atomic_write_text makes the folder, removes temporaries of killed runs, and leaves no file on error.
+        atomic_write_text(self._tmp, "")
+        try:
+            # Dictionary-encode and keep statistics only where they pay: task names repeat, and min/max of the
+            # scalar columns let readers skip row groups; list columns get neither (3x faster writes).
+            self._writer = pq.ParquetWriter(self._tmp, self._schema, compression="zstd", compression_level=1,
+                                            use_dictionary=["task"],
+                                            write_statistics=["task", "example", "position", "layer", "step"])
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
         self._chunks: list[tuple[TokenBatch, int, Array, Array, Array | None]] = []
         self._pending = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moescope-profile-writer")
@@ -240,15 +273,24 @@ class ProfileWriter:
         self.meta.rows += batch.num_rows
 
     def close(self) -> Path:
-        self.flush()
-        self._drain()
-        self._pool.shutdown()
-        self._writer.close()
-        self.meta.tasks = list(self._tasks)
-        self.meta.created = self.meta.created or now_iso()
-        self.meta.tool_version = self.meta.tool_version or tool_version()
-        os.replace(self._tmp, self.path)
-        atomic_write_text(sidecar_path(self.path), self.meta.to_json())
+        """Finish the file and put it and its sidecar in place; on any failure (a full disk) nothing is left."""
+        try:
+            self.flush()
+            self._drain()
+            self._pool.shutdown()
+            self._writer.close()
+            self.meta.tasks = list(self._tasks)
+            self.meta.created = self.meta.created or now_iso()
+            self.meta.tool_version = self.meta.tool_version or tool_version()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        try:
+            atomic_write_text(sidecar_path(self.path), self.meta.to_json())
+        except BaseException:  # a profile without its sidecar is unreadable: take the file back out
+            self.path.unlink(missing_ok=True)
+            raise
         return self.path
 
     def abort(self) -> None:
@@ -256,10 +298,10 @@ class ProfileWriter:
             for future in self._inflight:
                 future.cancel()
             self._pool.shutdown(wait=True)
-            self._writer.close()
+            with contextlib.suppress(Exception):  # the writer may be the thing that failed
+                self._writer.close()
         finally:
-            if self._tmp.exists():
-                self._tmp.unlink()
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ProfileWriter":
         return self
@@ -284,7 +326,7 @@ class Profile:
         except FileNotFoundError:
             raise MoEScopeError(f"{self.path} has no sidecar {side.name}; a MoEScope profile is a .parquet file "
                                 f"with its .json beside it.") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError, OSError) as exc:  # JSON, UTF-8, field types, a folder
             raise MoEScopeError(f"{side} is not a MoEScope profile sidecar ({exc}).") from None
         if self.meta.format != PROFILE_FORMAT:
             raise MoEScopeError(f"{side} is not a MoEScope profile sidecar (format {self.meta.format!r}).")
@@ -299,6 +341,12 @@ class Profile:
         missing = [c for c in REQUIRED_COLUMNS if c not in self._file.schema_arrow.names]
         if missing:
             raise MoEScopeError(f"{self.path} lacks the profile column(s) {missing}; it was not written by MoEScope.")
+        wrong = [name for name, ok in _COLUMN_TYPES.items()
+                 if name in self._file.schema_arrow.names and not ok(self._file.schema_arrow.field(name).type)]
+        if wrong:
+            found = self._file.schema_arrow.field(wrong[0]).type
+            raise MoEScopeError(f"{self.path} column {wrong[0]!r} has type {found}, not a profile's; it was not "
+                                f"written by MoEScope.")
         if self._file.metadata.num_rows != self.meta.rows:
             raise MoEScopeError(f"{self.path} holds {self._file.metadata.num_rows} rows but its sidecar says "
                                 f"{self.meta.rows}; the profile is incomplete, record it again.")
@@ -309,18 +357,60 @@ class Profile:
 
     def batches(self, columns: list[str] | None = None, batch_size: int = 262_144) -> Iterator[pa.RecordBatch]:
         try:
-            yield from self._file.iter_batches(batch_size=batch_size, columns=columns)
-        except (pa.ArrowInvalid, OSError) as exc:
+            for batch in self._file.iter_batches(batch_size=batch_size, columns=columns):
+                self.check_values(batch)
+                yield batch
+        except (pa.ArrowException, OSError) as exc:
             raise MoEScopeError(f"{self.path} could not be read (corrupt: {exc}).") from None
 
     def table(self, columns: list[str] | None = None, filters: Any = None) -> pa.Table:
         try:
-            return pq.read_table(self.path, columns=columns, filters=filters)
-        except (pa.ArrowInvalid, OSError) as exc:
+            table = pq.read_table(self.path, columns=columns, filters=filters)
+        except (pa.ArrowException, OSError) as exc:
             raise MoEScopeError(f"{self.path} could not be read (corrupt: {exc}).") from None
+        self.check_values(table)
+        return table
+
+    def check_values(self, rows: pa.RecordBatch | pa.Table) -> None:
+        """Refuse rows the sidecar contradicts: an unknown layer, expert ids outside 0..n-1, lists not top-k
+        long. Vectorised (a few Arrow kernels per batch), so reading stays fast."""
+        import pyarrow.compute as pc
+
+        names = rows.schema.names
+        if "layer" in names and len(rows):
+            bad = pc.invert(pc.is_in(rows.column("layer"), value_set=pa.array(self.meta.layers, pa.int64())))
+            if pc.any(bad).as_py():
+                raise MoEScopeError(f"{self.path} holds rows of layers its sidecar does not list ({self.meta.layers}); "
+                                    f"it is corrupt, record it again.")
+        for name in ("experts", "weights", "probs"):
+            if name not in names or not len(rows):
+                continue
+            width = self.meta.n_experts if name == "probs" else self.meta.top_k
+            lengths = pc.list_value_length(rows.column(name))
+            if pc.any(pc.not_equal(lengths, width)).as_py() or lengths.null_count:
+                raise MoEScopeError(f"{self.path} column {name!r} holds lists that are not {width} long; it is "
+                                    f"corrupt, record it again.")
+            if name == "experts":
+                low_high = pc.min_max(pc.list_flatten(rows.column(name)))
+                low, high = low_high["min"].as_py(), low_high["max"].as_py()
+                if low is not None and (low < 0 or high >= self.meta.n_experts):
+                    raise MoEScopeError(f"{self.path} holds expert id {low if low < 0 else high}, outside 0 to "
+                                        f"{self.meta.n_experts - 1}; it is corrupt, record it again.")
 
     def to_pandas(self, **kwargs: Any):
         return self.table(**kwargs).to_pandas()
+
+
+def _is_list_of(kind) -> Any:
+    return lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and kind(t.value_type)
+
+
+_COLUMN_TYPES = {"task": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)
+                 or (pa.types.is_dictionary(t) and pa.types.is_string(t.value_type)),
+                 "example": pa.types.is_integer, "position": pa.types.is_integer, "token_id": pa.types.is_integer,
+                 "layer": pa.types.is_integer, "step": pa.types.is_integer,
+                 "experts": _is_list_of(pa.types.is_integer), "weights": _is_list_of(pa.types.is_floating),
+                 "probs": _is_list_of(pa.types.is_floating)}
 
 
 def list_matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
@@ -330,10 +420,26 @@ def list_matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
 
 
-def merge_profiles(paths: list[str | Path], out: str | Path) -> Path:
-    """Concatenate profiles of disjoint shards of one run into one profile, row for row."""
+def merge_profiles(paths: list[str | Path], out: str | Path, overwrite: bool = False) -> Path:
+    """Concatenate profiles of disjoint shards of one run into one profile, row for row.
+
+    ``out`` is checked (``core.outputs.check_output``) and locked for the merge; the inputs are never written.
+    """
     if not paths:
         raise MoEScopeError("Give at least one profile to merge.")
+    out = check_output(out, "profile", overwrite, sources=paths, source_label="input profile")
+    with output_lock(out):
+        return write_merged(paths, out)
+
+
+def write_merged(paths: list[str | Path], out: str | Path) -> Path:
+    """The merge itself, for a caller that already holds ``out``'s lock (a sharded job's rank 0)."""
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        key = Path(p).resolve()
+        if key in seen:
+            raise MoEScopeError(f"{p} is given twice; give each shard once.")
+        seen[key] = Path(p)
     profiles = [Profile(p) for p in paths]
     first = profiles[0].meta
     for prof in profiles[1:]:
@@ -341,11 +447,38 @@ def merge_profiles(paths: list[str | Path], out: str | Path) -> Path:
             if getattr(prof.meta, key) != getattr(first, key):
                 raise MoEScopeError(f"{prof.path} was recorded with a different {key} than {profiles[0].path}; "
                                     f"only shards of one run can be merged.")
+    _refuse_overlapping_examples(profiles)
     meta = ProfileMeta(**{**asdict(first), "rows": 0, "tokens": sum(p.meta.tokens for p in profiles),
                           "tasks": [], "created": now_iso(), "shards": [str(p.path) for p in profiles]})
     meta.tasks = list(dict.fromkeys(t for p in profiles for t in p.meta.tasks))
+    if len({p.meta.fingerprint for p in profiles}) > 1:
+        meta.fingerprint = ""  # shards of different runs: the merged rows have no single fingerprint
     with ProfileWriter(out, meta) as writer:
         for prof in profiles:
             for batch in prof.batches():
                 writer.write_batch(batch)
     return Path(out)
+
+
+def _refuse_overlapping_examples(profiles: list[Profile]) -> None:
+    """Inputs must not hold the same row (task, example, step, position, layer) twice, as a shard given twice
+    would. Cheap first pass over (task, example) pairs; rows are compared only for examples in several inputs."""
+    owners: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for i, prof in enumerate(profiles):
+        pairs = prof.table(columns=["task", "example"]).group_by(["task", "example"]).aggregate([])
+        for pair in zip(pairs.column("task").to_pylist(), pairs.column("example").to_pylist()):
+            owners[pair].append(i)
+    shared = {pair for pair, where in owners.items() if len(where) > 1}
+    if not shared:
+        return
+    seen: dict[tuple, Path] = {}
+    key_columns = ["task", "example", "step", "position", "layer"]
+    for prof in profiles:
+        frame = prof.table(columns=key_columns).to_pandas()
+        frame = frame[[pair in shared for pair in zip(frame.task, frame.example)]]
+        for key in frame.itertuples(index=False, name=None):
+            if key in seen:
+                raise MoEScopeError(f"{prof.path} and {seen[key]} both hold the routing of example {key[1]} of task "
+                                    f"{key[0]!r} (layer {key[4]}, position {key[3]}); merge only disjoint shards of "
+                                    f"one run, each given once.")
+            seen[key] = prof.path

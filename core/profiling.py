@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -15,7 +18,9 @@ from .errors import MoEScopeError
 from .masking import masked
 from .model import MoEModel
 from .plan import Plan
-from .profile import Profile, ProfileMeta, ProfileWriter, merge_profiles
+from .io import note
+from .outputs import check_output, output_lock
+from .profile import Profile, ProfileMeta, ProfileWriter, tool_version, write_merged
 from .recorder import RouterRecorder
 
 ProgressFn = Callable[[int, int, float], None]  # (tokens done, tokens total, tokens per second)
@@ -68,10 +73,26 @@ def parts_dir(out: str | Path) -> Path:
     return out.with_name(out.stem + ".parts")
 
 
+def run_fingerprint(mm: MoEModel, tasks: Mapping[str, Sequence[str]], **settings: object) -> str:
+    """A digest of everything that determines a profile's rows: the model's weights and dtype, the task names
+    and texts in order (so also the text field they came from), every setting (max length, batch size,
+    batches per shard, plan digest, probs, max new tokens) and the tool version. Shards are reused only
+    when it matches."""
+    digest = hashlib.sha256()
+    head = {"weights": mm.weights_digest(), "dtype": str(next(mm.model.parameters()).dtype),
+            "tool": tool_version(), **settings}
+    digest.update(json.dumps(head, sort_keys=True, default=str).encode())
+    for name, texts in tasks.items():
+        digest.update(json.dumps([name, len(texts)]).encode())
+        for text in texts:
+            digest.update(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest())
+    return digest.hexdigest()[:32]
+
+
 def profile_texts(mm: MoEModel, tasks: Mapping[str, Sequence[str]], out: str | Path, batch_size: int = 8,
                   max_length: int = 512, max_new_tokens: int = 0, with_probs: bool = False,
                   plan: Plan | None = None, progress: bool | ProgressFn = True,
-                  sharding: Sharding | None = None) -> Path:
+                  sharding: Sharding | None = None, overwrite: bool = False, keep_shards: bool = False) -> Path:
     """Record routing for every text of every task into the profile ``out`` (.parquet + .json).
 
     Texts are sorted by length inside a task so batches carry little padding; ``example`` in the profile
@@ -79,7 +100,31 @@ def profile_texts(mm: MoEModel, tasks: Mapping[str, Sequence[str]], out: str | P
     decode steps are recorded (``step`` >= 1). With a ``sharding`` of several processes, this process
     records only its shards (see :class:`Sharding`); under torchrun the processes then wait for each other
     and rank 0 merges the shards into ``out``; otherwise run ``moescope merge-profiles`` afterwards.
+
+    ``out`` must be new, or an earlier profile when ``overwrite`` (``core.outputs.check_output``); it is locked
+    for the run (ranks of one sharded job share the lock). Shards are reused only when their fingerprint
+    (:func:`run_fingerprint`) matches; others are removed. After a successful merge the shards are deleted
+    unless ``keep_shards``.
     """
+    if batch_size < 1 or max_length < 1 or max_new_tokens < 0:
+        raise MoEScopeError(f"batch size ({batch_size}) and max length ({max_length}) must be at least 1, max new "
+                            f"tokens ({max_new_tokens}) at least 0.")
+    sharding = sharding or Sharding()
+    if sharding.batches_per_shard < 1:
+        raise MoEScopeError(f"batches per shard must be at least 1, not {sharding.batches_per_shard}.")
+    source = Path(mm.source).expanduser()
+    out = check_output(out, "profile", overwrite, sources=[source] if source.exists() else [])
+    fingerprint = run_fingerprint(mm, tasks, max_length=max_length, batch_size=batch_size,
+                                  batches_per_shard=sharding.batches_per_shard, with_probs=with_probs,
+                                  max_new_tokens=max_new_tokens, plan=plan.digest() if plan else None)
+    with output_lock(out, job=fingerprint if sharding.world > 1 else None):
+        return _profile_locked(mm, tasks, out, batch_size, max_length, max_new_tokens, with_probs, plan, progress,
+                               sharding, keep_shards, fingerprint)
+
+
+def _profile_locked(mm: MoEModel, tasks: Mapping[str, Sequence[str]], out: Path, batch_size: int, max_length: int,
+                    max_new_tokens: int, with_probs: bool, plan: Plan | None, progress: bool | ProgressFn,
+                    sharding: Sharding, keep_shards: bool, fingerprint: str) -> Path:
     tok = mm.tokenizer
     if tok is None:
         raise MoEScopeError(f"{mm.source} has no tokenizer; profiling needs one to turn texts into tokens.")
@@ -94,22 +139,24 @@ def profile_texts(mm: MoEModel, tasks: Mapping[str, Sequence[str]], out: str | P
                        top_k=plan.top_k if plan and plan.top_k else mm.top_k, tasks=list(tasks),
                        tokenizer=getattr(tok, "name_or_path", None), with_probs=with_probs,
                        weights_semantics=mm.adapter.weights_semantics,
-                       plan_digest=plan.digest() if plan else None)
+                       plan_digest=plan.digest() if plan else None, fingerprint=fingerprint)
     batches = plan_batches(encoded, batch_size)
-    if sharding is None or sharding.world == 1 and sharding.batches_per_shard >= len(batches):
+    if sharding.world == 1 and sharding.batches_per_shard >= len(batches):
         jobs = [(Path(out), batches)]
     else:
         shards = [batches[lo:lo + sharding.batches_per_shard]
                   for lo in range(0, len(batches), sharding.batches_per_shard)]
         folder = parts_dir(out)
-        jobs = [(folder / f"shard-{c:05d}.parquet", shard) for c, shard in enumerate(shards)
-                if c % sharding.world == sharding.rank and not _complete(folder / f"shard-{c:05d}.parquet", meta)]
+        mine = [(folder / f"shard-{c:05d}.parquet", shard) for c, shard in enumerate(shards)
+                if c % sharding.world == sharding.rank]
+        jobs = [(path, shard) for path, shard in mine if not _complete(path, fingerprint)]
     total = sum(len(encoded[b.task][i]) for _, job in jobs for b in job for i in b.examples)
-    bar = tqdm(total=total, unit="tok", desc="profiling", disable=progress is not True)
     device = next(mm.model.parameters()).device
     start, done = time.perf_counter(), 0
     tok.padding_side = "left" if max_new_tokens else "right"
-    with masked(mm, plan), torch.inference_mode():
+    # The bar closes (ends its line) on an error too, so the error message starts on a line of its own.
+    with tqdm(total=total, unit="tok", desc="profiling", disable=progress is not True) as bar, \
+            masked(mm, plan), torch.inference_mode():
         for path, job in jobs:
             with ProfileWriter(path, ProfileMeta(**{**asdict(meta), "tasks": list(tasks)})) as writer, \
                     RouterRecorder(mm, writer) as rec:
@@ -127,39 +174,46 @@ def profile_texts(mm: MoEModel, tasks: Mapping[str, Sequence[str]], out: str | P
                     bar.update(n)
                     if callable(progress):
                         progress(done, total, done / max(time.perf_counter() - start, 1e-9))
-    bar.close()
     if jobs and jobs[0][0] == Path(out):
         return Path(out)
-    return _finish_shards(out, len(batches), sharding)
+    return _finish_shards(out, len(batches), sharding, keep_shards)
 
 
-def _complete(path: Path, meta: ProfileMeta) -> bool:
-    """A shard left by an earlier run counts only if it is whole and from the same model and settings."""
+def _complete(path: Path, fingerprint: str) -> bool:
+    """A shard left by an earlier run counts only if it is whole and has this run's fingerprint; any other
+    shard file at that place is removed (with a note), never merged."""
     if not path.exists():
         return False
     try:
-        done = Profile(path).meta
+        if Profile(path).meta.fingerprint == fingerprint:
+            return True
+        why = "it is from another run (other texts, model or settings)"
     except MoEScopeError:
-        return False
-    return all(getattr(done, k) == getattr(meta, k) for k in ("weights_digest", "layers", "top_k", "plan_digest",
-                                                             "with_probs"))
+        why = "it is incomplete or unreadable"
+    note(f"removing {path}: {why}")
+    path.unlink(missing_ok=True)
+    path.with_suffix(".json").unlink(missing_ok=True)
+    return False
 
 
-def _finish_shards(out: str | Path, n_batches: int, sharding: Sharding) -> Path:
+def _finish_shards(out: Path, n_batches: int, sharding: Sharding, keep_shards: bool) -> Path:
     """Merge the shards into ``out``: at once for a single process; under torch.distributed after every
-    process is done, by rank 0; otherwise (a Slurm array) later, with ``moescope merge-profiles``."""
+    process is done, by rank 0; otherwise (a Slurm array) later, with ``moescope merge-profiles``. The lock
+    on ``out`` is already held by this job. The shards go once merged, unless ``keep_shards``."""
     import torch.distributed as dist
 
     n_shards = -(-n_batches // sharding.batches_per_shard)
     shard_paths = [parts_dir(out) / f"shard-{c:05d}.parquet" for c in range(n_shards)]
-    if sharding.world == 1:
-        return merge_profiles(shard_paths, out)
-    if not (dist.is_available() and dist.is_initialized()):
+    if sharding.world > 1 and not (dist.is_available() and dist.is_initialized()):
         return parts_dir(out)
-    dist.barrier()
+    if sharding.world > 1:
+        dist.barrier()
     if sharding.rank == 0:
-        merge_profiles(shard_paths, out)
-    dist.barrier()
+        write_merged(shard_paths, out)
+        if not keep_shards:
+            shutil.rmtree(parts_dir(out), ignore_errors=True)
+    if sharding.world > 1:
+        dist.barrier()
     return Path(out)
 
 

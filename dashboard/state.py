@@ -7,6 +7,7 @@ Pages call these and render; every computation is a call into ``core``.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from typing import Any, Iterator
 import streamlit as st
 
 from core import aggregate
-from core.errors import MoEScopeError
+from core.errors import user_message
 from core.model import MoEModel, load_model
 from core.profile import Profile
 from core.profiling import profile_texts
@@ -42,10 +43,27 @@ def shown_errors(what: str) -> Iterator[None]:
     Streamlit's own rerun/stop signals are BaseExceptions and pass through."""
     try:
         yield
-    except MoEScopeError as exc:
-        st.error(f"{what}: {exc}")
     except Exception as exc:  # noqa: BLE001 - an unexpected failure must not take the app down
-        st.error(f"{what} failed: {type(exc).__name__}: {exc}")
+        show_error(what, exc)
+
+
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
+
+
+def plain(text: str) -> str:
+    """``text`` escaped so that Streamlit's Markdown shows it as written (paths, ``*``, ``<tags>``)."""
+    return _MARKDOWN.sub(r"\\\1", text)
+
+
+def show_error(what: str, exc: BaseException, uploads: dict[str, str] | None = None) -> None:
+    """The CLI's one sentence for ``exc`` (``core.errors.user_message``), as plain text, naming the user's
+    uploaded file instead of the temporary copy (``uploads``: temporary path -> the user's file name)."""
+    message = user_message(exc)
+    if message is None:
+        message = f"unexpected {type(exc).__name__}: {exc}"
+    for temporary, name in (uploads or {}).items():
+        message = message.replace(temporary, name)
+    st.error(plain(f"{what}: {message}"))
 
 
 # ----- model ----------------------------------------------------------------------------------------
@@ -71,8 +89,8 @@ def current_model() -> MoEModel | None:
     settings = model_settings()
     try:
         return load(settings)
-    except MoEScopeError as exc:
-        st.error(f"Could not load {settings['source']}: {exc} Choose another model on the Model page.")
+    except Exception as exc:  # noqa: BLE001 - shown as one sentence, the app keeps running
+        show_error(f"Could not load {settings['source']} (choose another model on the Model page)", exc)
         return None
 
 
@@ -138,9 +156,9 @@ def active_profile(mm: MoEModel, auto: bool = True) -> Profile | None:
                     bar.empty()
             st.session_state["profile_path"] = str(path)
             profile = open_profile(str(path))
-    except MoEScopeError as exc:
+    except Exception as exc:  # noqa: BLE001 - shown as one sentence, the app keeps running
         st.session_state.pop("profile_path", None)  # fall back to the default profile next time
-        st.error(f"Profile: {exc}")
+        show_error("Profile", exc)
         return None
     if profile.meta.plan_digest:
         st.warning(f"This profile was recorded under pruning plan {profile.meta.plan_digest[:12]}: it shows the "

@@ -118,9 +118,15 @@ def test_existing_output_directory_is_refused_unless_overwrite(mixtral, tmp_path
     with pytest.raises(MoEScopeError, match="already exists; choose another directory or pass --overwrite"):
         export_pruned(mixtral, plan, target)
     assert (target / "keep-me.txt").read_text() == "user data"
-    export_pruned(mixtral, plan, target, overwrite=True)
-    assert not (target / "keep-me.txt").exists() and (target / "config.json").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directories left behind
+    with pytest.raises(MoEScopeError, match="replaces only an earlier MoEScope export"):
+        export_pruned(mixtral, plan, target, overwrite=True)  # a folder MoEScope did not write is never replaced
+    assert (target / "keep-me.txt").read_text() == "user data"
+    (target / "keep-me.txt").unlink()
+    target.rmdir()
+    export_pruned(mixtral, plan, target)
+    export_pruned(mixtral, Plan(layers={0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}), target, overwrite=True)  # its own export
+    assert Plan.load(target / "moescope-plan.json").layers[1] == [0, 1, 2, 3]  # replaced by the second export
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directories or lock files left behind
 
 
 def test_export_refuses_to_write_into_the_source(tmp_path):

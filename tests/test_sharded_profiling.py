@@ -80,7 +80,7 @@ def test_interrupted_run_resumes_from_finished_shards(setup):
     tasks = dict(read_task_texts(str(tmp / n)) for n in ("a.txt", "b.txt"))
     out = tmp / "resume.parquet"
     sharding = Sharding(0, 1, batches_per_shard=4)
-    profile_texts(mm, tasks, out, batch_size=3, progress=False, sharding=sharding)
+    profile_texts(mm, tasks, out, batch_size=3, progress=False, sharding=sharding, keep_shards=True)
     pd.testing.assert_frame_equal(rows(out), single.to_pandas())
     lost = parts_dir(out) / "shard-00001.parquet"
     lost_tokens = Profile(lost).meta.tokens

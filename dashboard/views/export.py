@@ -23,8 +23,8 @@ if upload is not None and upload.file_id != st.session_state.get("plan_upload"):
             raise MoEScopeError(f"{upload.name} is not a MoEScope plan: it is not valid JSON ({exc}).") from None
         plan = Plan.from_dict(data)
         validate_plan(plan, mm.routing_spec())
-    except MoEScopeError as exc:
-        st.error(f"Could not use {upload.name}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - shown as one sentence, the app keeps running
+        state.show_error(f"Could not use {upload.name}", exc)
     else:
         st.session_state["plan"] = plan
         st.session_state["plan_upload"] = upload.file_id
@@ -47,15 +47,17 @@ st.divider()
 st.subheader("Write the pruned checkpoint")
 default = state.home() / "exports" / f"{method}-keep{min(kept.values(), default=mm.n_experts)}-{plan.digest()[:8]}"
 out = st.text_input("Output directory (a new directory; the source model is never touched)", value=str(default))
-overwrite = st.checkbox("Replace the directory if it exists")
+overwrite = st.checkbox("Replace an earlier export at this path",
+                        help="Only a directory MoEScope exported (it holds moescope-plan.json and nothing else) is "
+                             "replaced; any other folder is refused.")
 if st.button("Export checkpoint"):
     path = None
     with st.status("Exporting…", expanded=True) as status:
         try:
             path = export_pruned(mm, plan, out, overwrite=overwrite, progress=st.write)
-        except MoEScopeError as exc:
+        except Exception as exc:  # noqa: BLE001 - a full disk or a refused path: one sentence, nothing written
             status.update(label="Export failed", state="error")
-            st.error(str(exc))
+            state.show_error("Export failed", exc)
         else:
             status.update(label="Exported", state="complete", expanded=False)
     if path is not None:

@@ -2,7 +2,6 @@
 
 import streamlit as st
 
-from core.errors import MoEScopeError
 from core.model import DEVICES, DTYPES
 from core.tasks import get_task_spec
 from dashboard import state
@@ -24,8 +23,8 @@ if load_clicked:
     wanted = {"source": source.strip(), "dtype": dtype, "device": device, "trust_remote_code": trust}
     try:
         state.load(wanted)
-    except MoEScopeError as exc:
-        st.error(f"Could not load {wanted['source']}: {exc} The previous model stays loaded.")
+    except Exception as exc:  # noqa: BLE001 - shown as one sentence, the app keeps running
+        state.show_error(f"Could not load {wanted['source']} (the previous model stays loaded)", exc)
     else:
         st.session_state["model_settings"] = wanted
         st.session_state.pop("profile_path", None)  # a profile belongs to the model that recorded it
@@ -68,8 +67,8 @@ with st.form("task_form", clear_on_submit=True):
     if st.form_submit_button("Add task") and path.strip():
         try:
             spec = get_task_spec(path.strip())
-        except MoEScopeError as exc:
-            st.error(f"Could not add {path}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - shown as one sentence, the app keeps running
+            state.show_error(f"Could not add {path}", exc)
         else:
             extra = st.session_state.setdefault("extra_tasks", [])
             if path.strip() not in extra:

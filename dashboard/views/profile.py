@@ -36,24 +36,31 @@ with load:
     path = st.text_input("Path to a profile (.parquet with its .json sidecar beside it)")
     uploads = st.file_uploader("…or upload both files", type=["parquet", "json"], accept_multiple_files=True)
     if st.button("Load profile"):
+        shown_names: dict[str, str] = {}
         try:
             if uploads:
-                folder = Path(tempfile.mkdtemp(prefix="moescope-upload-"))
                 parquet = [u for u in uploads if u.name.endswith(".parquet")]
                 sidecar = [u for u in uploads if u.name.endswith(".json")]
                 if len(parquet) != 1 or len(sidecar) != 1:
                     raise MoEScopeError("Upload exactly one .parquet profile and its .json sidecar.")
-                target = folder / "uploaded.parquet"
+                # The upload lives in a folder that is removed when this session replaces or drops it (the
+                # TemporaryDirectory's finaliser), or when the server stops: uploads never pile up on disk.
+                folder = tempfile.TemporaryDirectory(prefix="moescope-upload-")
+                target = Path(folder.name) / "uploaded.parquet"
                 target.write_bytes(parquet[0].getvalue())
                 sidecar_path(target).write_bytes(sidecar[0].getvalue())
+                shown_names = {str(target): f"the uploaded {parquet[0].name}",
+                               str(sidecar_path(target)): f"the uploaded {sidecar[0].name}"}
                 path = str(target)
             if not path:
                 raise MoEScopeError("Give a path or upload a profile first.")
             profile = Profile(path.strip())
             profile.meta.require_model(mm.weights_digest(), mm.source)
-        except MoEScopeError as exc:
-            st.error(f"Could not load the profile: {exc}")
+        except Exception as exc:  # noqa: BLE001 - shown as one sentence, the app keeps running
+            state.show_error("Could not load the profile", exc, uploads=shown_names)
         else:
+            if uploads:
+                st.session_state["profile_upload_folder"] = folder  # the previous upload's folder goes now
             st.session_state["profile_path"] = str(profile.path)
             st.success(f"Loaded {profile.path.name}.")
 

@@ -3,7 +3,6 @@ the full model's as soon as a control moves. Searches (EEP, NAEE) run on request
 
 import streamlit as st
 
-from core.errors import MoEScopeError
 from core.methods import METHODS
 from core.sweep import load_table
 from core.workbench import SEARCH_METHODS, PlanRequest, headline_metric, tradeoff_points
@@ -65,7 +64,7 @@ def searched_plan(request: PlanRequest):
         search_progress(request)
         return None
     if job is not None and job.error:
-        st.error(f"The search failed: {job.error}")
+        st.error(state.plain(f"The search failed: {job.error}"))
     elif job is not None and job.plan is not None:
         if not job.plan.extra.get("cancelled"):
             return job.plan
@@ -181,8 +180,9 @@ def show_tradeoff(plan, result, task: str, calibration: str, top_k: int | None) 
         try:
             st.session_state.setdefault("sweep_tables", []).append(load_table(upload, upload.name))
             st.session_state["sweep_upload"] = upload.file_id
-        except MoEScopeError as exc:
-            c2.error(str(exc))
+        except Exception as exc:  # noqa: BLE001 - shown as one sentence, the app keeps running
+            with c2:
+                state.show_error("Could not add the table", exc)
     metric = headline_metric(task)
     points = tradeoff_points([bench.sweep_table(), *st.session_state.get("sweep_tables", [])], name, metric,
                              split="test", examples=examples)
