@@ -87,6 +87,16 @@ def mixtral_block(mm: MoEModel, layer: int, x: torch.Tensor, subset: list[int]) 
     return out
 
 
+def assert_top(kept: list[int], scores, k: int, rtol: float) -> None:
+    """``kept`` is a set of the ``k`` highest ``scores``, where two experts whose scores differ by less than
+    ``rtol`` of the largest score count as tied: a ranking recomputed another way (other batches, other
+    kernels) may order such near-ties either way, so only a gap beyond rounding decides which is kept."""
+    scores = np.asarray(scores, dtype=np.float64)
+    dropped = [e for e in range(len(scores)) if e not in kept]
+    assert len(kept) == k == len(set(kept))
+    assert scores[kept].min() >= scores[dropped].max() - rtol * np.abs(scores).max(), (kept, scores)
+
+
 def with_zero_experts() -> MoEModel:
     mm = tiny()
     for layer in mm.layers:
@@ -107,8 +117,14 @@ def test_never_routed_experts_are_exactly_the_ones_pruned(method, calibration):
     if isinstance(method, REAP):
         assert all(plan.extra["scores"][str(layer)][e] == 0 for layer in mm.layer_indices for e in DEAD)
         assert all(plan.extra["routed_tokens"][str(layer)][e] == 0 for layer in mm.layer_indices for e in DEAD)
-    else:  # dropping experts no token reaches leaves the block output bit-identical
-        assert plan.extra["reconstruction_error"] == {str(layer): 0.0 for layer in mm.layer_indices}
+    else:
+        # Dropping experts no token reaches changes no routing decision, so the block output is the same up to
+        # rounding only: the pruned router computes its logits with a [5, H] matrix instead of [8, H], a
+        # different GEMM whose last bits differ on some CPUs (an AMD EPYC gives absolute errors of 7e-09 and
+        # 5e-08, not 0). Relative to the block output's norm, that rounding is at most about H * eps_fp32 =
+        # 32 * 1.2e-7 = 4e-6 (each logit is an H-term dot product); a subset without a live expert is off by
+        # orders of magnitude more (its relative error here is above 0.1).
+        assert all(plan.extra["relative_error"][str(layer)] <= 1e-5 for layer in mm.layer_indices)
 
 
 @torch.no_grad()
@@ -127,7 +143,7 @@ def test_reap_saliency_equals_an_independent_computation(calibration):
                 expected[expert] = float((gates[rows, slot] * norms).mean())
         np.testing.assert_allclose(plan.extra["scores"][str(layer)], expected, rtol=1e-4, atol=1e-7)
         assert sum(plan.extra["routed_tokens"][str(layer)]) == 2 * len(x)  # real tokens only, top-2 each
-        assert plan.layers[layer] == sorted(np.argsort(-expected, kind="stable")[:4].tolist())
+        assert_top(plan.layers[layer], expected, 4, rtol=1e-4)  # the tolerance of the scores' comparison
 
 
 def test_reap_ignores_padding_and_batching(calibration):
@@ -164,7 +180,9 @@ def test_exhaustive_naee_equals_brute_force_over_all_subsets(mixtral, mixtral_na
         errors = {subset: float(torch.linalg.norm(full - mixtral_block(mm, layer, x, list(subset))))
                   for subset in itertools.combinations(range(8), 4)}
         best = min(errors, key=errors.get)
-        assert plan.layers[layer] == list(best)
+        # the plan's subset is the best one, or one whose error ties it to rounding (the 1e-4 used below): the
+        # brute force recomputes every error in another way, so a near-tie may fall either way
+        assert errors[tuple(plan.layers[layer])] <= errors[best] * (1 + 1e-4)
         assert plan.extra["reconstruction_error"][str(layer)] == pytest.approx(errors[best], rel=1e-4)
         assert plan.extra["relative_error"][str(layer)] == pytest.approx(
             errors[best] / float(torch.linalg.norm(full)), rel=1e-4)
@@ -215,7 +233,8 @@ def test_progressive_naee_recollects_later_layers_inputs(mixtral, mixtral_naee, 
     validate_plan(progressive, mm.routing_spec(), for_export=True)
     assert progressive.extra["parameters"]["progressive"] is True
     errors = plain.extra["reconstruction_error"], progressive.extra["reconstruction_error"]
-    assert errors[0]["0"] == errors[1]["0"] and progressive.layers[0] == plain.layers[0]  # layer 0 sees the same inputs
+    # layer 0 sees the same inputs, computed by the same code on the same batches in this process: exactly equal
+    assert errors[0]["0"] == errors[1]["0"] and progressive.layers[0] == plain.layers[0]
     assert errors[0]["1"] != errors[1]["1"]  # layer 1 sees layer 0 pruned
 
 
@@ -248,6 +267,10 @@ def block_inputs_of(mm: MoEModel, index: int, seq: list[int]) -> torch.Tensor:
 
 
 # ----- dynamic skipping ------------------------------------------------------------------------------
+# The planner's betas and the profiler's recorded gate weights come from two passes over the texts, batched
+# and padded their own way. A gate ratio g_k / g_1 = exp(l_k - l_1) of fp32 router logits l (H = 32 term dot
+# products, |l| ~ 1) then differs relatively by up to ~H * eps_fp32 = 4e-6 between them.
+GATE_RATIO_RTOL = 1e-5
 def recorded_medians(mm: MoEModel, texts: list[str], tmp_path, plan: Plan | None = None) -> dict[str, float]:
     """Median of g_k / g_1 per layer, from a routing profile recorded by the profiler."""
     path = profile_texts(mm, {"lm": texts}, tmp_path / "routing.parquet", progress=False, plan=plan)
@@ -265,7 +288,7 @@ def test_dynamic_skip_beta_is_the_median_gate_ratio(top_k, calibration, tmp_path
     plan = DynamicSkipping().plan(mm, calibration, Target(keep=8))
     assert plan.layers == {} and plan.extra["method"] == "dynamic_skip"
     expected = recorded_medians(mm, calibration.texts(), tmp_path)
-    assert plan.extra["dynamic_skip"] == pytest.approx(expected, rel=1e-6)
+    assert plan.extra["dynamic_skip"] == pytest.approx(expected, rel=GATE_RATIO_RTOL)
     assert all(0 < beta < 1 for beta in plan.extra["dynamic_skip"].values())
     validate_plan(plan, mm.routing_spec())
     with pytest.raises(MoEScopeError, match="dynamic_skip"):
@@ -279,7 +302,7 @@ def test_dynamic_skip_with_pruning_measures_betas_on_the_naee_pruned_model(mixtr
     assert plan.layers == naee.layers
     assert plan.extra["reconstruction_error"] == naee.extra["reconstruction_error"]
     expected = recorded_medians(mm, calibration.texts(), tmp_path, plan=Plan(layers=naee.layers))
-    assert plan.extra["dynamic_skip"] == pytest.approx(expected, rel=1e-6)
+    assert plan.extra["dynamic_skip"] == pytest.approx(expected, rel=GATE_RATIO_RTOL)
     with masked(mm, plan):  # the plan applies
         mm.model(input_ids=torch.tensor([[5, 6, 7]]))
 

@@ -157,7 +157,10 @@ def test_two_threads_with_different_plans_each_get_their_own_logits(mixtral):
     for plan in plans:
         with masked(mixtral, plan), torch.no_grad():
             expected.append(mixtral.model(input_ids=x).logits.clone())
-    assert not torch.allclose(expected[0], expected[1])
+    # Each thread runs the same forward as above, but while the other thread holds cores, so its kernels may
+    # split work otherwise: equal to fp32 rounding (rtol 1e-5), where another plan's logits are far apart.
+    same = dict(rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(expected[0], expected[1], **same)
     errors: list[str] = []
     barrier = threading.Barrier(2)
 
@@ -166,7 +169,7 @@ def test_two_threads_with_different_plans_each_get_their_own_logits(mixtral):
         for _ in range(15):
             with masked(mixtral, plans[i]), torch.no_grad():
                 got = mixtral.model(input_ids=x).logits
-            if not torch.equal(got, expected[i]):
+            if not torch.allclose(got, expected[i], **same):
                 errors.append(f"thread {i} got another plan's logits")
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]

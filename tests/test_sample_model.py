@@ -44,4 +44,6 @@ def test_figures_reproduce_on_a_subset(quality):
     evaluator = Evaluator(load_model(MODEL))
     for task, figures in quality["tasks"].items():
         result = evaluator.evaluate(task, limit=quality["subset_examples"])
-        assert result.metrics == pytest.approx(figures["subset_metrics"], rel=1e-6, abs=1e-9), task
+        # figures measured on another machine: its fp32 kernels round logits differently in the last bits, which
+        # moves a mean NLL of ~3.5 nats by ~1e-6 relative; counts (exact match, accuracy) move by whole examples
+        assert result.metrics == pytest.approx(figures["subset_metrics"], rel=1e-5, abs=1e-9), task
