@@ -295,8 +295,15 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
         pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported in one line (exit 2) like every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moescope", description=__doc__,
+    parser = _Parser(prog="moescope", description=__doc__,
                                      epilog="Add --debug anywhere to see the traceback of an unexpected error.")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -227,14 +227,17 @@ def read_task_texts(arg: str, text_field: str = "text") -> tuple[str, list[str]]
     name = name or path.stem
     if not path.is_file():
         raise MoEScopeError(f"No task file at {path}; give a .txt (one text per line) or .jsonl file.")
-    if path.suffix == ".txt":
-        return name, [line for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix not in (".jsonl", ".json"):
+    if path.suffix not in (".txt", ".jsonl", ".json"):
         raise MoEScopeError(f"{path} is neither .txt nor .jsonl/.json; MoEScope cannot read texts from it.")
     try:
-        raw = path.read_text()
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MoEScopeError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8.") from None
+    if path.suffix == ".txt":
+        return name, [line for line in raw.splitlines() if line.strip()]
+    try:
         records = json.loads(raw) if path.suffix == ".json" else [json.loads(l) for l in raw.splitlines() if l.strip()]
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise MoEScopeError(f"{path} is not valid JSON ({exc}).") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise MoEScopeError(f"{path} must hold JSON objects, one per text.")
