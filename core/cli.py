@@ -101,8 +101,10 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
         if not dist.is_initialized():  # torchrun / accelerate launch: gloo is enough for barriers
             dist.init_process_group("gloo")
+    plan = Plan.load(args.plan) if args.plan else None  # a bad plan fails before the model loads
     mm = _load(args)
-    plan = Plan.load(args.plan) if args.plan else None
+    if plan is not None:
+        _warn_plan_source(plan, mm, args.plan)
     out = profile_texts(mm, tasks, args.out, batch_size=args.batch_size, max_length=args.max_length,
                         max_new_tokens=args.max_new_tokens, with_probs=args.probs, plan=plan,
                         progress=sharding.rank == 0, sharding=sharding, overwrite=args.overwrite,
@@ -122,7 +124,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     plan = Plan.load(args.plan)
     check_output(args.out, "export", args.overwrite, sources=[args.model])  # before the model loads
     mm = _load(args)
-    _warn_plan_source(plan, mm)
+    _warn_plan_source(plan, mm, args.plan)
     out = export_pruned(mm, plan, args.out, overwrite=args.overwrite, progress=lambda m: print(f"... {m}"))
     print(f"exported to {out} ({directory_bytes(out) / 1e6:.1f} MB)")
 
@@ -136,7 +138,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     specs = [get_task_spec(t) for t in args.task]  # fail on a bad task before loading the model
     plan = Plan.load(args.plan) if args.plan else None
-    evaluator = Evaluator(_load(args), batch_size=args.batch_size)
+    mm = _load(args)
+    if plan is not None:
+        _warn_plan_source(plan, mm, args.plan)
+    evaluator = Evaluator(mm, batch_size=args.batch_size)
     results = []
     for spec in specs:
         bar = tqdm(desc=spec.name, unit="batch", disable=args.json)
@@ -196,14 +201,13 @@ def _parse_params(items: list[str], method: str) -> dict:
     return params
 
 
-def _warn_plan_source(plan, mm) -> None:
-    """A plan made on another model may still fit this one; say so (export records the real source)."""
-    if plan.model and plan.model != mm.source:
-        same = Path(plan.model).expanduser().exists() and Path(mm.source).expanduser().exists() and \
-            Path(plan.model).expanduser().resolve() == Path(mm.source).expanduser().resolve()
-        if not same:
-            print(f"warning: the plan was made on {plan.model}, not on {mm.source}; it is applied to {mm.source}.",
-                  file=sys.stderr)
+def _warn_plan_source(plan, mm, path: str) -> None:
+    """A plan made on another model may still fit this one: warn (export records the real source)."""
+    from .plan import plan_source_warning
+
+    warning = plan_source_warning(plan, mm.source, path)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_prune(args: argparse.Namespace) -> None:

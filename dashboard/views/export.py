@@ -1,10 +1,8 @@
 """Export: download the plan, or write the pruned (and merged) checkpoint that plain transformers loads."""
 
-import json
 
 import streamlit as st
 
-from core.errors import MoEScopeError
 from core.export import directory_bytes, export_pruned
 from core.plan import Plan, validate_plan
 from dashboard import state
@@ -17,11 +15,7 @@ if mm is None:
 upload = st.file_uploader("Use a saved plan instead (plan JSON)", type=["json"])
 if upload is not None and upload.file_id != st.session_state.get("plan_upload"):
     try:
-        try:
-            data = json.loads(upload.getvalue())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MoEScopeError(f"{upload.name} is not a MoEScope plan: it is not valid JSON ({exc}).") from None
-        plan = Plan.from_dict(data)
+        plan = Plan.loads(upload.getvalue(), name=upload.name)
         validate_plan(plan, mm.routing_spec())
     except Exception as exc:  # noqa: BLE001 - shown as one sentence, the app keeps running
         state.show_error(f"Could not use {upload.name}", exc)
