@@ -327,7 +327,7 @@ class Profile:
             raise MoEScopeError(f"{self.path} has no sidecar {side.name}; a MoEScope profile is a .parquet file "
                                 f"with its .json beside it.") from None
         except (ValueError, TypeError, RecursionError, OSError) as exc:  # JSON, UTF-8, field types, a folder
-            raise MoEScopeError(f"{side} is not a MoEScope profile sidecar ({exc}).") from None
+            raise MoEScopeError(f"{side} is not a MoEScope profile sidecar ({_brief(exc)}).") from None
         if self.meta.format != PROFILE_FORMAT:
             raise MoEScopeError(f"{side} is not a MoEScope profile sidecar (format {self.meta.format!r}).")
         if self.meta.version != PROFILE_VERSION:
@@ -335,9 +335,9 @@ class Profile:
                                 f"version {PROFILE_VERSION}.")
         try:
             self._file = pq.ParquetFile(self.path)
-        except (pa.ArrowInvalid, OSError) as exc:
+        except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: undecodable names in the schema
             raise MoEScopeError(f"{self.path} is not a readable Parquet profile (corrupt or truncated: "
-                                f"{exc}).") from None
+                                f"{_brief(exc)}).") from None
         missing = [c for c in REQUIRED_COLUMNS if c not in self._file.schema_arrow.names]
         if missing:
             raise MoEScopeError(f"{self.path} lacks the profile column(s) {missing}; it was not written by MoEScope.")
@@ -347,6 +347,10 @@ class Profile:
             found = self._file.schema_arrow.field(wrong[0]).type
             raise MoEScopeError(f"{self.path} column {wrong[0]!r} has type {found}, not a profile's; it was not "
                                 f"written by MoEScope.")
+        if self.meta.with_probs != ("probs" in self._file.schema_arrow.names):
+            raise MoEScopeError(f"{side} says with_probs {self.meta.with_probs} but {self.path.name} "
+                                f"{'lacks' if self.meta.with_probs else 'has'} a probs column; the sidecar does not "
+                                f"belong to this file.")
         if self._file.metadata.num_rows != self.meta.rows:
             raise MoEScopeError(f"{self.path} holds {self._file.metadata.num_rows} rows but its sidecar says "
                                 f"{self.meta.rows}; the profile is incomplete, record it again.")
@@ -356,18 +360,26 @@ class Profile:
         return self._file.metadata.num_rows
 
     def batches(self, columns: list[str] | None = None, batch_size: int = 262_144) -> Iterator[pa.RecordBatch]:
+        seen = 0
         try:
             for batch in self._file.iter_batches(batch_size=batch_size, columns=columns):
                 self.check_values(batch)
+                seen += batch.num_rows
                 yield batch
-        except (pa.ArrowException, OSError) as exc:
-            raise MoEScopeError(f"{self.path} could not be read (corrupt: {exc}).") from None
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise MoEScopeError(f"{self.path} could not be read (corrupt: {_brief(exc)}).") from None
+        if seen != self.num_rows:  # damaged page headers can make Arrow yield fewer rows without an error
+            raise MoEScopeError(f"{self.path} yielded {seen} of its {self.num_rows} rows; it is corrupt, record it "
+                                f"again.")
 
     def table(self, columns: list[str] | None = None, filters: Any = None) -> pa.Table:
         try:
             table = pq.read_table(self.path, columns=columns, filters=filters)
-        except (pa.ArrowException, OSError) as exc:
-            raise MoEScopeError(f"{self.path} could not be read (corrupt: {exc}).") from None
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise MoEScopeError(f"{self.path} could not be read (corrupt: {_brief(exc)}).") from None
+        if filters is None and table.num_rows != self.num_rows:
+            raise MoEScopeError(f"{self.path} yielded {table.num_rows} of its {self.num_rows} rows; it is corrupt, "
+                                f"record it again.")
         self.check_values(table)
         return table
 
@@ -377,6 +389,9 @@ class Profile:
         import pyarrow.compute as pc
 
         names = rows.schema.names
+        nulls = [name for name in names if name in _COLUMN_TYPES and rows.column(name).null_count]
+        if nulls:
+            raise MoEScopeError(f"{self.path} column {nulls[0]!r} has missing values; it is corrupt, record it again.")
         if "layer" in names and len(rows):
             bad = pc.invert(pc.is_in(rows.column("layer"), value_set=pa.array(self.meta.layers, pa.int64())))
             if pc.any(bad).as_py():
@@ -399,6 +414,12 @@ class Profile:
 
     def to_pandas(self, **kwargs: Any):
         return self.table(**kwargs).to_pandas()
+
+
+def _brief(exc: BaseException) -> str:
+    """A library's error text on one line and short (Arrow's span several lines)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:199] + "…"
 
 
 def _is_list_of(kind) -> Any:
