@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from .kv_cache import GrowingCache
 from .masking import masked
 from .model import MoEModel
 from .plan import Plan
-from .tasks import TaskSpec, get_task_spec, load_task, render_example
+from .tasks import TaskError, TaskSpec, TaskWarning, get_task_spec, load_task, render_example, warn_empty
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 _FULL_CACHE_BYTES = 512 * 2**20  # unpruned log-probs kept for agreement, at most this much per task
@@ -145,25 +146,67 @@ class Evaluator:
             ids = [tok.bos_token_id] + ids
         return ids
 
+    def _context_length(self) -> int | None:
+        """The most positions the model was built for (None where its config does not say)."""
+        text = self.mm.config.get_text_config()
+        for name in ("max_position_embeddings", "max_seq_len", "n_positions"):
+            value = getattr(text, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+                return value
+        return None
+
     def _prepare(self, spec: TaskSpec, split: str, limit: int | None) -> list[_Example]:
+        """Encode the examples, each fitted to the model's context: a prompt keeps its end (bos, then the
+        tokens nearest the answer, which follows it), leaving room for ``max_new_tokens`` when generating
+        or for the longest option; an LM text keeps its start. Empty LM texts are skipped with a warning
+        (they hold no tokens, so the token-weighted loss is unchanged); empty options are refused."""
         data = load_task(spec, split)
         if limit:
             data = data.select(range(min(limit, len(data))))
-        out = []
-        for row in data:
-            r = render_example(spec, row)
+        ctx = self._context_length()
+        bos = self.mm.tokenizer.bos_token_id is not None
+        if ctx is not None and spec.metric in ("squad", "exact_match") and spec.max_new_tokens >= ctx:
+            raise TaskError(f"task {spec.name!r}: max_new_tokens {spec.max_new_tokens} leaves no room for a prompt "
+                            f"in the model's context of {ctx} tokens: lower max_new_tokens in the task's spec")
+        out, empty, truncated = [], [], 0
+        for index, row in enumerate(data):
+            r = render_example(spec, row, index)
             if spec.metric == "lm_loss":
                 prompt = self._encode("", bos=True)
                 text = self._encode(r.text, bos=False)
+                if not text:
+                    empty.append(index)
+                    continue
+                if ctx is not None and len(prompt) + len(text) > ctx:
+                    text, truncated = text[:max(ctx - len(prompt), 1)], truncated + 1
                 out.append(_Example(prompt, [], [text], prompt + text))
             elif spec.metric == "multiple_choice":
                 prompt = self._encode(r.prompt, bos=True)
                 options = [self._encode(o, bos=False) for o in r.options]
+                if not all(options):
+                    raise TaskError(f"task {spec.name!r}: example {index} has an empty option "
+                                    f"(option {[len(o) for o in options].index(0)}): give every option some text")
+                if ctx is not None and len(prompt) + max(map(len, options)) > ctx:
+                    options = [o[:ctx - 1] for o in options]
+                    prompt, truncated = _keep_end(prompt, ctx - max(map(len, options)), bos), truncated + 1
                 out.append(_Example(prompt, [], options, prompt + options[r.label], r.label))
             else:
                 prompt = self._encode(r.prompt, bos=True)
                 target = self._encode(spec.target_prefix + r.references[0] + spec.stop, bos=False)
+                if ctx is not None and len(prompt) + max(spec.max_new_tokens, len(target)) > ctx:
+                    prompt = _keep_end(prompt, ctx - spec.max_new_tokens, bos)
+                    target, truncated = target[:ctx - len(prompt)], truncated + 1
                 out.append(_Example(prompt, r.references, [], prompt + target))
+        if empty and not out:
+            raise TaskError(f"task {spec.name!r} split {split!r} has no text in any of its {len(empty)} example(s): "
+                            f"fill {spec.text_field!r} in the data")
+        if empty:
+            warn_empty(spec, split, empty)
+        if truncated:
+            warnings.warn(f"task {spec.name!r} split {split!r}: {truncated} example(s) were longer than the model's "
+                          f"context of {ctx} tokens and were cut to fit it ("
+                          + ("texts keep their start)" if spec.metric == "lm_loss" else "prompts keep their end)"),
+                          TaskWarning, stacklevel=3)
         return out
 
     # ----- generation -------------------------------------------------------------------------
@@ -461,6 +504,14 @@ class Evaluator:
             for row, i in enumerate(idx):
                 tally.add(reference[i] if reference is not None else full[row], pruned[row, :len(seqs[i]) - 1])
             say("comparing", done, len(batches))
+
+
+def _keep_end(ids: list[int], budget: int, bos: bool) -> list[int]:
+    """At most ``budget`` (at least 1) tokens of a prompt: its first (bos) token where it has one, then its end."""
+    budget = max(budget, 1)
+    if len(ids) <= budget:
+        return ids
+    return ids[:1] + ids[len(ids) - budget + 1:] if bos else ids[len(ids) - budget:]
 
 
 def _padded(seqs: Sequence[Sequence[int]], pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
