@@ -12,12 +12,12 @@ from core.aggregate import expert_usage
 from core.cli import main
 from core.profile import Profile
 
-from .tiny_models import save_tiny, write_lm_task
+from .tiny_models import write_lm_task
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("m") / "tiny")
+def model_dir(tiny_models):
+    return tiny_models.checkpoint()
 
 
 def test_info_json(model_dir, capsys):

@@ -15,15 +15,19 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from core.model import load_model
 from core.profiling import profile_texts
-from tests.tiny_models import save_tiny, write_lm_task
+from tests.tiny_models import write_lm_task
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 SAMPLE = str(Path(__file__).resolve().parents[1] / "sample_data" / "model")
 
 
+pytestmark = pytest.mark.slow  # each test runs the app in process for 10 s or more
+
+
 @pytest.fixture()
-def app(tmp_path, monkeypatch) -> AppTest:
-    monkeypatch.setenv("MOESCOPE_HOME", str(tmp_path / "home"))
+def app(dashboard_home_copy, monkeypatch) -> AppTest:
+    """The app on the sample model, with the sample profile already recorded (once per session)."""
+    monkeypatch.setenv("MOESCOPE_HOME", str(dashboard_home_copy))
     at = AppTest.from_file(APP, default_timeout=300)
     at.run()
     assert not at.exception
@@ -62,7 +66,7 @@ def plotly_values(value) -> list[float]:
     return list(value)
 
 
-def test_model_page_summarises_the_sample_model_and_survives_bad_paths(app, tmp_path):
+def test_model_page_summarises_the_sample_model_and_survives_bad_paths(app, tmp_path, tiny_models):
     assert metric(app, "Experts per layer") == "8"
     assert metric(app, "Top-k") == "2"
     assert metric(app, "MoE layers") == "4"
@@ -81,8 +85,7 @@ def test_model_page_summarises_the_sample_model_and_survives_bad_paths(app, tmp_
     app.button[0].click().run()
     assert any("not a supported MoE family" in e.value for e in app.error)
 
-    save_tiny(tmp_path / "tiny")  # another MoE model loads and replaces the summary
-    app.text_input[0].input(str(tmp_path / "tiny"))
+    app.text_input[0].input(str(tiny_models.checkpoint()))  # another MoE model loads and replaces the summary
     app.button[0].click().run()
     assert not app.exception and not app.error
     assert metric(app, "MoE layers") == "2"
@@ -92,9 +95,9 @@ def test_model_page_summarises_the_sample_model_and_survives_bad_paths(app, tmp_
     assert any("unknown task" in e.value for e in app.error)
 
 
-def test_profile_page_records_loads_and_refuses_foreign_profiles(app, tmp_path):
+def test_profile_page_records_loads_and_refuses_foreign_profiles(app, tmp_path, tiny_models):
     goto(app, "profile")
-    assert metric(app, "Tasks") == "5"  # the first visit recorded the sample tasks
+    assert metric(app, "Tasks") == "5"  # the sample tasks' profile (recorded by the session's first visit)
     app.multiselect[0].set_value(["qa"]).run()
     app.number_input[0].set_value(3).run()
     app.button[0].click().run()
@@ -106,7 +109,7 @@ def test_profile_page_records_loads_and_refuses_foreign_profiles(app, tmp_path):
     app.button[1].click().run()
     assert any("no sidecar" in e.value for e in app.error)
 
-    tiny = load_model(save_tiny(tmp_path / "tiny"))
+    tiny = load_model(tiny_models.checkpoint())
     foreign = profile_texts(tiny, {"t": ["some text", "more text"]}, tmp_path / "foreign.parquet", progress=False)
     app.text_input[0].input(str(foreign)).run()
     app.button[1].click().run()

@@ -8,7 +8,11 @@ import os
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.browser import ROOT, browser_page, streamlit_server, wait_for_app
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 PAGES = ["Model & data", "Profile", "Utilization", "Tokens", "Prune", "Export"]
 SLOW = 180_000  # ms: first visits load the model and record a profile
@@ -36,10 +40,10 @@ def headline(page) -> str:
     return page.get_by_test_id("stMetric").first.inner_text()
 
 
-def test_every_page_in_chromium(tmp_path):
+def test_every_page_in_chromium(tmp_path, dashboard_home_copy):
     shots = Path(os.environ.get("MOESCOPE_SCREENSHOTS", tmp_path / "shots"))
     shots.mkdir(parents=True, exist_ok=True)
-    env = {"MOESCOPE_HOME": str(tmp_path / "home")}
+    env = {"MOESCOPE_HOME": str(dashboard_home_copy)}  # the sample profile is already recorded
     with browser_page(width=1400, height=1500) as page, streamlit_server(ROOT / "dashboard" / "app.py", env) as url:
         page.goto(url)
         page.get_by_text("Experts per layer").wait_for(timeout=SLOW)

@@ -83,6 +83,7 @@ def test_a_start_genome_joins_the_first_generation():
     assert state.best == (GOAL, 12.0) and state.evaluations == 4
 
 
+@pytest.mark.numeric
 def test_eep_frequency_start_begins_at_least_at_the_frequency_plan(tmp_path):
     mm = with_dead_experts()
     calibration = lm_task(tmp_path)
@@ -91,7 +92,9 @@ def test_eep_frequency_start_begins_at_least_at_the_frequency_plan(tmp_path):
         mm, calibration, Target(keep=5))
     first_generation = plan.extra["fitness"]["curve"][0]
     nll = Evaluator(mm).evaluate(calibration.task, frequency, split="calibration", agreement=False).metrics["nll"]
-    assert first_generation <= nll + 1e-9  # NLL: the frequency genome was scored in the first generation
+    # NLL: the frequency genome was scored in the first generation, by an Evaluator with the same batching
+    # (32 sequences), so the same computation: equal but for the 1e-9 slack on the sum
+    assert first_generation <= nll + 1e-9
     assert plan.extra["parameters"]["init"] == "frequency"
     assert plan.extra["forward_passes"] == plan.extra["evaluations"] * 5 + 5  # + the frequency pass
     with pytest.raises(MoEScopeError, match="Unknown EEP init"):
@@ -134,6 +137,7 @@ def test_merge_search_improves_on_its_start_and_never_loses_it():
     assert state.best[1] > closeness(start) + 0.1  # real progress towards the target, not just noise
 
 
+@pytest.mark.numeric
 def test_eep_with_merging_exports_what_it_evaluated(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM

@@ -16,15 +16,21 @@ from core.plan import Plan
 from core.profile import Profile, ProfileMeta, ProfileWriter, list_matrix
 from core.recorder import RouterRecorder
 
-from .tiny_models import FAMILIES, LAYOUTS, build, build_layout, ids
+from .tiny_models import FAMILIES, LAYOUTS, ids
+
+# Compares floating-point results of different computations (kernels, batchings, masking and export):
+# .ci/run runs these again with OMP_NUM_THREADS=1.
+pytestmark = pytest.mark.numeric
 
 CASES = [(mt, None) for mt in FAMILIES] + [(LAYOUTS[name][0], name) for name in LAYOUTS]
 CASE_IDS = [name or mt for mt, name in CASES]
 KEEP = [0, 2, 5, 7]  # two per group of four, so grouped routing stays balanced
 
 
-def make(model_type: str, layout: str | None, dtype=torch.float32) -> MoEModel:
-    model = build_layout(layout, dtype=dtype) if layout else build(model_type, dtype=dtype)
+def make(models, model_type: str, layout: str | None, dtype=torch.float32) -> MoEModel:
+    """A fresh copy of the session's tiny model (see conftest.TinyModels)."""
+    model = models.layout(layout) if layout else models.model(model_type)
+    model = model.to(dtype)
     return MoEModel(model, source=f"tiny-{layout or model_type}")
 
 
@@ -57,8 +63,8 @@ def independent_decisions(mm: MoEModel, layer, output, top_k: int):
 
 
 @pytest.mark.parametrize("model_type,layout", CASES, ids=CASE_IDS)
-def test_recording_equals_router_outputs(model_type, layout, tmp_path):
-    mm = make(model_type, layout)
+def test_recording_equals_router_outputs(model_type, layout, tmp_path, tiny_models):
+    mm = make(tiny_models, model_type, layout)
     if layout:
         assert len(mm.layer_indices) < len(mm.adapter.decoder_layers(mm.model)) or "group" in layout
     input_ids = ids(2, 10)
@@ -103,8 +109,8 @@ def choose_from_logits(mm: MoEModel, logits: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("model_type,layout", CASES, ids=CASE_IDS)
-def test_counts_match_output_router_logits(model_type, layout, tmp_path):
-    mm = make(model_type, layout)
+def test_counts_match_output_router_logits(model_type, layout, tmp_path, tiny_models):
+    mm = make(tiny_models, model_type, layout)
     input_ids = ids(3, 9, seed=1)
     prof = record(mm, tmp_path, input_ids)
     with torch.no_grad():
@@ -122,8 +128,8 @@ def test_counts_match_output_router_logits(model_type, layout, tmp_path):
 
 
 @pytest.mark.parametrize("model_type,layout", CASES, ids=CASE_IDS)
-def test_masking_matches_export_and_undoes_exactly(model_type, layout, tmp_path):
-    mm = make(model_type, layout)
+def test_masking_matches_export_and_undoes_exactly(model_type, layout, tmp_path, tiny_models):
+    mm = make(tiny_models, model_type, layout)
     input_ids = ids(2, 12, seed=2)
     with torch.no_grad():
         before = mm.model(input_ids=input_ids).logits.clone()
@@ -148,8 +154,8 @@ def test_masking_matches_export_and_undoes_exactly(model_type, layout, tmp_path)
 
 
 @pytest.mark.parametrize("model_type", [m for m in FAMILIES if m != "phimoe"])
-def test_top_k_change_takes_effect_and_survives_export(model_type, tmp_path):
-    mm = make(model_type, None)
+def test_top_k_change_takes_effect_and_survives_export(model_type, tmp_path, tiny_models):
+    mm = make(tiny_models, model_type, None)
     input_ids = ids(2, 8, seed=3)
     plan = half_plan(mm, top_k=1)
     with masked(mm, plan):
@@ -173,8 +179,8 @@ def test_every_family_is_covered():
     assert len(covered) == 16
 
 
-def test_bf16_model_masks_and_records(tmp_path):
-    mm = make("mixtral", None, dtype=torch.bfloat16)
+def test_bf16_model_masks_and_records(tmp_path, tiny_models):
+    mm = make(tiny_models, "mixtral", None, dtype=torch.bfloat16)
     input_ids = ids(2, 8)
     with torch.no_grad():
         before = mm.model(input_ids=input_ids).logits.clone()
@@ -187,8 +193,8 @@ def test_bf16_model_masks_and_records(tmp_path):
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "llama4_text", "dbrx", "deepseek_v3"])
-def test_generate_records_prefill_and_decode(model_type, tmp_path):
-    mm = make(model_type, None)
+def test_generate_records_prefill_and_decode(model_type, tmp_path, tiny_models):
+    mm = make(tiny_models, model_type, None)
     input_ids = ids(2, 6, seed=4)
     mask = torch.ones_like(input_ids)
     mask[0, :2] = 0

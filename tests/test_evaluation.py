@@ -3,8 +3,6 @@ unbatched computation, agreement and cost of plans, caching and determinism."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -13,23 +11,27 @@ from core.model import MoEModel, load_model
 from core.plan import Plan
 from core.tasks import TaskSpec
 
-from .tiny_models import FAMILIES, save_tiny
+from .tiny_models import FAMILIES, write_task
+
+# Compares floating-point results of different computations (kernels, batchings, masking and export):
+# .ci/run runs these again with OMP_NUM_THREADS=1.
+pytestmark = pytest.mark.numeric
 
 PROMPTS = ["ab", "hello wor", "x", "the cat sat on t", "12+3=", "zz top"]
 PLAN = Plan(layers={0: [0, 1, 2, 3], 1: [4, 5, 6, 7]})
+# Logits closer than this count as tied: 100x the largest difference between a prompt's last logits computed
+# alone and in a left-padded batch of PROMPTS, measured over all 16 families (1.2e-7, logits of magnitude ~0.4).
+NEAR_TIE = 1e-5
 
 
 @pytest.fixture(scope="module")
-def mm(tmp_path_factory) -> MoEModel:
-    return load_model(save_tiny(tmp_path_factory.mktemp("m") / "tiny"))
+def mm(tiny_models) -> MoEModel:
+    return load_model(tiny_models.checkpoint())
 
 
-def write_task(tmp_path, name, rows, **spec) -> TaskSpec:
-    folder = tmp_path / name
-    folder.mkdir()
-    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "task.json").write_text(json.dumps({"name": name, "data_files": {"test": "test.jsonl"}, **spec}))
-    return TaskSpec.from_json(folder)
+def task_spec(tmp_path, name, rows, **spec) -> TaskSpec:
+    """A task with a test split of ``rows`` (the suite's one task writer), read back."""
+    return TaskSpec.from_json(write_task(tmp_path / name, rows, **spec))
 
 
 def greedy(mm: MoEModel, text: str, n: int) -> str:
@@ -39,7 +41,13 @@ def greedy(mm: MoEModel, text: str, n: int) -> str:
     out = []
     with torch.no_grad():
         for _ in range(n):
-            nxt = int(mm.model(torch.tensor([ids])).logits[0, -1].argmax())
+            logits = mm.model(torch.tensor([ids])).logits[0, -1]
+            nxt = int(logits.argmax())
+            # The harness decodes in padded batches, whose fp32 logits differ from these in the last bits; the tests
+            # compare tokens exactly, which is sound only where the top two logits are further apart than that.
+            # The models and prompts are fixed, so the gaps (smallest now 2.4e-5) are the same on every machine.
+            first, second = logits.float().topk(2).values.tolist()
+            assert first - second > NEAR_TIE, f"near-tie in the greedy reference of {text!r}: pick other prompts"
             if nxt == mm.tokenizer.eos_token_id:
                 break
             ids.append(nxt)
@@ -59,13 +67,13 @@ def sequence_logprob(mm: MoEModel, prompt: str, continuation: str) -> float:
 def test_generation_exact_match_and_squad_against_unbatched_greedy(mm, tmp_path):
     answers = [greedy(mm, p, 4) for p in PROMPTS]
     rows = [{"q": p, "answer": a if i % 2 == 0 else a + "#"} for i, (p, a) in enumerate(zip(PROMPTS, answers))]
-    spec = write_task(tmp_path, "gen", rows, metric="exact_match", prompt_template="{q}", answer_field="answer",
+    spec = task_spec(tmp_path, "gen", rows, metric="exact_match", prompt_template="{q}", answer_field="answer",
                       target_prefix="", stop="", max_new_tokens=4)
     result = Evaluator(mm, batch_size=4).evaluate(spec)
     assert result.predictions == [a.strip() for a in answers]
     assert result.metrics == {"exact_match": pytest.approx(50.0)}  # every other reference was spoiled
     squad_rows = [{"q": p, "answers": {"text": [a.strip()], "answer_start": [0]}} for p, a in zip(PROMPTS, answers)]
-    squad = write_task(tmp_path, "sq", squad_rows, metric="squad", prompt_template="{q}", answer_field="answers",
+    squad = task_spec(tmp_path, "sq", squad_rows, metric="squad", prompt_template="{q}", answer_field="answers",
                        stop="", max_new_tokens=4)
     scores = evaluate(mm, squad).metrics
     assert set(scores) == {"exact_match", "f1"} and scores["f1"] >= scores["exact_match"] > 0
@@ -74,37 +82,37 @@ def test_generation_exact_match_and_squad_against_unbatched_greedy(mm, tmp_path)
 def test_generation_stops_at_the_stop_string(mm, tmp_path):
     raw = greedy(mm, "ab", 6)
     stop = raw[2]  # a character the model produces third: the prediction must end before it
-    spec = write_task(tmp_path, "stop", [{"q": "ab", "answer": raw[:2]}], metric="exact_match",
+    spec = task_spec(tmp_path, "stop", [{"q": "ab", "answer": raw[:2]}], metric="exact_match",
                       prompt_template="{q}", answer_field="answer", target_prefix="", stop=stop, max_new_tokens=6)
     result = evaluate(mm, spec)
     assert result.predictions == [raw.split(stop)[0].strip()]
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "olmoe", "qwen3_moe"])
-def test_rows_that_stop_at_different_steps(model_type, tmp_path):
+def test_rows_that_stop_at_different_steps(model_type, tmp_path, tiny_models):
     """In one batch some rows produce the stop string at once and others never: every prediction must equal
     its own unbatched greedy continuation cut at the stop string."""
-    mm = load_model(save_tiny(tmp_path / model_type, model_type))
+    mm = load_model(tiny_models.checkpoint(model_type))
     raw = [greedy(mm, p, 8) for p in PROMPTS]
     stop = min(raw, key=len)[0]  # a character some rows produce at once and others not at all
     assert any(stop in r[:4] for r in raw) and sum(stop not in r for r in raw) >= 2, "rows must stop apart"
-    spec = write_task(tmp_path, "early", [{"q": p, "answer": "x"} for p in PROMPTS], metric="exact_match",
+    spec = task_spec(tmp_path, "early", [{"q": p, "answer": "x"} for p in PROMPTS], metric="exact_match",
                       prompt_template="{q}", answer_field="answer", target_prefix="", stop=stop, max_new_tokens=8)
     result = Evaluator(mm, batch_size=6).evaluate(spec)
     assert result.predictions == [r.split(stop)[0].strip() for r in raw]
 
 
 @pytest.mark.parametrize("path", ["own", "generate"])
-def test_generation_stops_at_the_generation_configs_end_of_sequence(path, tmp_path, monkeypatch):
+def test_generation_stops_at_the_generation_configs_end_of_sequence(path, tmp_path, monkeypatch, tiny_models):
     """An end-of-sequence id named only by the model's generation config (as instruct models do) ends an
     answer on both decoding paths."""
-    mm = load_model(save_tiny(tmp_path / "tiny"))
+    mm = load_model(tiny_models.checkpoint())
     raw = greedy(mm, "hello wor", 6)
     ending = mm.tokenizer.convert_tokens_to_ids(raw[2])  # the model's third token: answers must end with it
     mm.model.generation_config.eos_token_id = [mm.tokenizer.eos_token_id, ending]
     if path == "generate":
         monkeypatch.setattr(Evaluator, "_cache_reusable", lambda self: False)
-    spec = write_task(tmp_path, "eos", [{"q": "hello wor", "answer": "x"}], metric="exact_match",
+    spec = task_spec(tmp_path, "eos", [{"q": "hello wor", "answer": "x"}], metric="exact_match",
                       prompt_template="{q}", answer_field="answer", target_prefix="", stop="", max_new_tokens=6)
     # (kept in the text because this stand-in is an ordinary character; a real one is a special token)
     assert raw[3:].strip() and Evaluator(mm).evaluate(spec).predictions == [raw[:3].strip()]
@@ -148,7 +156,7 @@ def test_agreement_tally_matches_per_position_definition():
 
 def test_lm_loss_matches_direct_computation(mm, tmp_path):
     texts = ["hello world", "a", "the quick brown fox jumps"]
-    spec = write_task(tmp_path, "lm", [{"text": t} for t in texts], metric="lm_loss", text_field="text")
+    spec = task_spec(tmp_path, "lm", [{"text": t} for t in texts], metric="lm_loss", text_field="text")
     result = Evaluator(mm, batch_size=2).evaluate(spec)
     total = sum(-sequence_logprob(mm, "", t) for t in texts)
     n = sum(len(t) for t in texts)  # character tokenizer: one token per character
@@ -163,13 +171,13 @@ def test_multiple_choice_matches_direct_loglikelihood(mm, tmp_path):
         scores = [sequence_logprob(mm, p, " " + o) for o in options]
         best = max(range(4), key=lambda k: scores[k])
         rows.append({"q": p, "options": options, "label": best if i < 4 else (best + 1) % 4})
-    spec = write_task(tmp_path, "mc", rows, metric="multiple_choice", prompt_template="{q}", options_field="options",
+    spec = task_spec(tmp_path, "mc", rows, metric="multiple_choice", prompt_template="{q}", options_field="options",
                       answer_field="label")
     assert evaluate(mm, spec).metrics["accuracy"] == pytest.approx(100 * 4 / 6)
 
 
 def test_agreement_and_cost_of_plans(mm, tmp_path):
-    spec = write_task(tmp_path, "lm", [{"text": t} for t in PROMPTS], metric="lm_loss", text_field="text")
+    spec = task_spec(tmp_path, "lm", [{"text": t} for t in PROMPTS], metric="lm_loss", text_field="text")
     ev = Evaluator(mm)
     full = ev.evaluate(spec)
     assert full.agreement == {} and full.plan_digest is None
@@ -201,35 +209,36 @@ def test_agreement_is_the_same_with_or_without_the_cached_reference(mm, tmp_path
     import core.evaluation as evaluation
 
     if kind == "lm":
-        spec = write_task(tmp_path, "lm", [{"text": t} for t in PROMPTS], metric="lm_loss", text_field="text")
+        spec = task_spec(tmp_path, "lm", [{"text": t} for t in PROMPTS], metric="lm_loss", text_field="text")
     elif kind == "gen":  # agreement from the generation's prompt pass, or from a pass of its own
         spec = gen_task(tmp_path)
     else:
         rows = [{"q": p, "options": ["cat", "dog!", "x"], "label": i % 3} for i, p in enumerate(PROMPTS)]
-        spec = write_task(tmp_path, "mc", rows, metric="multiple_choice", prompt_template="{q}",
+        spec = task_spec(tmp_path, "mc", rows, metric="multiple_choice", prompt_template="{q}",
                           options_field="options", answer_field="label")
     cached = Evaluator(mm, batch_size=4).evaluate(spec, plan=PLAN)  # agreement from the scoring forward
     monkeypatch.setattr(evaluation, "_FULL_CACHE_BYTES", 0)  # too big to cache: separate passes, batch by batch
     separate = Evaluator(mm, batch_size=3).evaluate(spec, plan=PLAN)
-    # multiple choice and generation continue on the prompt's KV cache in the cached path and run whole
-    # sequences in the separate one: the same log-probs to fp32 rounding, which can shift KL by 1e-7
-    assert separate.agreement == pytest.approx(cached.agreement, rel=1e-6, abs=0 if kind == "lm" else 1e-6)
+    # the two paths batch differently (4 and 3 sequences), and multiple choice and generation continue on the
+    # prompt's KV cache in the cached path but run whole sequences in the separate one: the same log-probs to
+    # fp32 rounding, which can shift a mean KL by ~1e-7 (so abs 1e-6 for every kind, not exact)
+    assert separate.agreement == pytest.approx(cached.agreement, rel=1e-6, abs=1e-6)
     assert separate.metrics == pytest.approx(cached.metrics, rel=1e-6)
 
 
 def gen_task(tmp_path) -> TaskSpec:
     """Exact-match generation on PROMPTS (references need not match: the tests compare two paths)."""
     rows = [{"q": p, "answer": p[::-1][:3]} for p in PROMPTS]
-    return write_task(tmp_path, "gen", rows, metric="exact_match", prompt_template="{q}", answer_field="answer",
+    return task_spec(tmp_path, "gen", rows, metric="exact_match", prompt_template="{q}", answer_field="answer",
                       target_prefix=" ", stop="", max_new_tokens=5)
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
-def test_generation_on_the_prompt_cache_equals_generate(model_type, tmp_path, monkeypatch):
+def test_generation_on_the_prompt_cache_equals_generate(model_type, tmp_path, monkeypatch, tiny_models):
     """Greedy decoding runs on the cache of one prompt pass that also gives the agreement (the reference
     answer teacher-forced on that cache, then cropped off); predictions must equal ``model.generate``'s and
     agreement a separate teacher-forced pass's, in every family where the cache allows it."""
-    mm = load_model(save_tiny(tmp_path / model_type, model_type))
+    mm = load_model(tiny_models.checkpoint(model_type))
     spec = gen_task(tmp_path)  # no stop string: five tokens each, so every decoding step counts
     # processors a generation config names are not applied: both paths decode pure greedy
     mm.model.generation_config.repetition_penalty = 5.0
@@ -254,20 +263,22 @@ def test_scoring_batches_keep_to_the_token_budget(mm, tmp_path):
     for batch in batches:
         assert len(batch) <= 3 and (len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 12)
     assert [lengths[i] for b in batches for i in b] == sorted(lengths)  # little padding: sorted by length
-    spec = write_task(tmp_path, "lm", [{"text": t} for t in PROMPTS], metric="lm_loss", text_field="text")
+    spec = task_spec(tmp_path, "lm", [{"text": t} for t in PROMPTS], metric="lm_loss", text_field="text")
     small = Evaluator(mm, token_budget=1).evaluate(spec, plan=PLAN)  # one sequence per forward
     large = Evaluator(mm, token_budget=10**6).evaluate(spec, plan=PLAN)
     assert small.metrics == pytest.approx(large.metrics, rel=1e-6)
     assert small.agreement == pytest.approx(large.agreement, rel=1e-5, abs=1e-7)  # fp32 rounding of a tiny KL
 
 
-@pytest.mark.parametrize("model_type", sorted(FAMILIES))
-def test_options_scored_on_a_shared_prompt_cache_equal_whole_sequences(model_type, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model_type", [pytest.param(m, marks=pytest.mark.slow) if m == "qwen3_next" else m
+                                        for m in sorted(FAMILIES)])  # qwen3_next: reference linear attention
+def test_options_scored_on_a_shared_prompt_cache_equal_whole_sequences(model_type, tmp_path, monkeypatch,
+                                                                       tiny_models):
     """Multiple choice runs each prompt once and repeats its KV cache per option; scores and agreement must
     equal scoring every prompt + option sequence whole, in every family (where the cache allows it)."""
-    mm = load_model(save_tiny(tmp_path / model_type, model_type))
+    mm = load_model(tiny_models.checkpoint(model_type))
     rows = [{"q": p, "options": ["cat", "dog!", "x y", "zebra"], "label": i % 4} for i, p in enumerate(PROMPTS)]
-    spec = write_task(tmp_path, "mc", rows, metric="multiple_choice", prompt_template="{q}",
+    spec = task_spec(tmp_path, "mc", rows, metric="multiple_choice", prompt_template="{q}",
                       options_field="options", answer_field="label")
     plan = Plan(layers={layer: list(range(mm.top_k, mm.n_experts)) for layer in mm.layer_indices})
     shared = Evaluator(mm, batch_size=4)
@@ -287,7 +298,7 @@ def test_option_log_likelihoods_on_the_shared_prompt_cache(mm, tmp_path):
     wanted) or at each prompt's last position only, against a direct whole-sequence computation."""
     options = ["cat", "dog!", "x", "zebra"]
     rows = [{"q": p, "options": options, "label": 0} for p in PROMPTS]
-    spec = write_task(tmp_path, "mc", rows, metric="multiple_choice", prompt_template="{q}", options_field="options",
+    spec = task_spec(tmp_path, "mc", rows, metric="multiple_choice", prompt_template="{q}", options_field="options",
                       answer_field="label")
     ev = Evaluator(mm, batch_size=8)
     examples = ev._prepare(spec, "test", None)

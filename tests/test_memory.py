@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
@@ -46,6 +48,7 @@ print(json.dumps({"tokens": tokens, "rows": Profile(path).num_rows, "baseline_mb
 """
 
 
+@pytest.mark.slow
 def test_a_million_tokens_keep_resident_memory_growth_under_200mb(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "long.parquet"), str(ROOT)], cwd=ROOT,

@@ -68,8 +68,8 @@ def test_usage_methods_prune_exactly_the_dead_experts(method, tmp_path):
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "deepseek_v3", "dbrx", "llama4_text"])
 @pytest.mark.parametrize("method", ["random", "frequency", "soft_activation", "top_k", "reap", "naee"])
-def test_every_method_meets_its_target_on_several_families(method, model_type, tmp_path):
-    mm = MoEModel(build(model_type), tokenizer=char_tokenizer())
+def test_every_method_meets_its_target_on_several_families(method, model_type, tmp_path, tiny_models):
+    mm = MoEModel(tiny_models.model(model_type), tokenizer=char_tokenizer())
     if method == "reap" and model_type == "llama4_text":
         with pytest.raises(MoEScopeError, match="REAP does not support"):
             make_method(method).plan(mm, lm_task(tmp_path), Target(ratio=0.5, top_k=1))

@@ -22,17 +22,22 @@ from core.profile import Profile, list_matrix
 from core.profiling import profile_texts
 
 from .test_methods import DEAD, TEXTS, lm_task, with_dead_experts
-from .tiny_models import build, build_layout, char_tokenizer
+from .tiny_models import char_tokenizer
+
+# Compares floating-point results of different computations (kernels, batchings, masking and export):
+# .ci/run runs these again with OMP_NUM_THREADS=1.
+pytestmark = pytest.mark.numeric
 
 ZERO = [1, 4]  # experts whose output weights are zeroed
 
 
-def tiny(model_type: str = "mixtral", **overrides) -> MoEModel:
-    return MoEModel(build(model_type, **overrides), tokenizer=char_tokenizer(), source=f"tiny-{model_type}")
+def tiny(models, model_type: str = "mixtral", **overrides) -> MoEModel:
+    """A fresh copy of the session's tiny model (``models`` is the ``tiny_models`` fixture)."""
+    return MoEModel(models.model(model_type, **overrides), tokenizer=char_tokenizer(), source=f"tiny-{model_type}")
 
 
-def layout(name: str) -> MoEModel:
-    return MoEModel(build_layout(name), tokenizer=char_tokenizer(), source=f"tiny-{name}")
+def layout(models, name: str) -> MoEModel:
+    return MoEModel(models.layout(name), tokenizer=char_tokenizer(), source=f"tiny-{name}")
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +46,8 @@ def calibration(tmp_path_factory) -> Calibration:
 
 
 @pytest.fixture(scope="module")
-def mixtral() -> MoEModel:
-    return tiny()
+def mixtral(tiny_models) -> MoEModel:
+    return tiny(tiny_models)
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +102,8 @@ def assert_top(kept: list[int], scores, k: int, rtol: float) -> None:
     assert scores[kept].min() >= scores[dropped].max() - rtol * np.abs(scores).max(), (kept, scores)
 
 
-def with_zero_experts() -> MoEModel:
-    mm = tiny()
+def with_zero_experts(models) -> MoEModel:
+    mm = tiny(models)
     for layer in mm.layers:
         layer.experts.down_proj.data[ZERO] = 0.0
     return mm
@@ -128,8 +133,8 @@ def test_never_routed_experts_are_exactly_the_ones_pruned(method, calibration):
 
 
 @torch.no_grad()
-def test_reap_saliency_equals_an_independent_computation(calibration):
-    mm = tiny()
+def test_reap_saliency_equals_an_independent_computation(calibration, tiny_models):
+    mm = tiny(tiny_models)
     plan = REAP(batch_size=3).plan(mm, calibration, Target(keep=4))
     for layer, x in block_inputs(mm).items():
         probs = (x @ mm.layer(layer).router.weight.T).softmax(dim=-1)
@@ -146,8 +151,8 @@ def test_reap_saliency_equals_an_independent_computation(calibration):
         assert_top(plan.layers[layer], expected, 4, rtol=1e-4)  # the tolerance of the scores' comparison
 
 
-def test_reap_ignores_padding_and_batching(calibration):
-    mm = tiny("qwen2_moe")
+def test_reap_ignores_padding_and_batching(calibration, tiny_models):
+    mm = tiny(tiny_models, "qwen2_moe")
     one = REAP(batch_size=1).plan(mm, calibration, Target(keep=4)).extra
     five = REAP(batch_size=5).plan(mm, calibration, Target(keep=4)).extra
     assert one["routed_tokens"] == five["routed_tokens"]
@@ -155,8 +160,8 @@ def test_reap_ignores_padding_and_batching(calibration):
         np.testing.assert_allclose(one["scores"][str(layer)], five["scores"][str(layer)], rtol=1e-5)
 
 
-def test_zero_output_experts_are_pruned_by_reap_but_not_free_for_naee(calibration):
-    mm = with_zero_experts()
+def test_zero_output_experts_are_pruned_by_reap_but_not_free_for_naee(calibration, tiny_models):
+    mm = with_zero_experts(tiny_models)
     plan = REAP().plan(mm, calibration, Target(keep=6))
     assert all(keep == [0, 2, 3, 5, 6, 7] for keep in plan.layers.values())
     assert all(plan.extra["routed_tokens"][str(layer)][e] > 0 for layer in mm.layer_indices for e in ZERO)
@@ -192,8 +197,8 @@ def test_exhaustive_naee_equals_brute_force_over_all_subsets(mixtral, mixtral_na
 
 # ----- the scalable search ---------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
-def test_greedy_search_meets_the_target_close_to_exhaustive(model_type, calibration, request):
-    mm = request.getfixturevalue("mixtral") if model_type == "mixtral" else tiny(model_type)
+def test_greedy_search_meets_the_target_close_to_exhaustive(model_type, calibration, request, tiny_models):
+    mm = request.getfixturevalue("mixtral") if model_type == "mixtral" else tiny(tiny_models, model_type)
     exact = request.getfixturevalue("mixtral_naee") if model_type == "mixtral" else \
         NAEE().plan(mm, calibration, Target(keep=4))
     greedy = NAEE(max_subsets=69).plan(mm, calibration, Target(keep=4))
@@ -209,8 +214,9 @@ def test_greedy_search_meets_the_target_close_to_exhaustive(model_type, calibrat
         assert [e for e in range(8) if scores[e] == 4] == greedy.layers[layer]
 
 
-def test_greedy_search_scales_to_many_experts(calibration):
-    mm = tiny(num_local_experts=64, num_hidden_layers=1)
+@pytest.mark.slow
+def test_greedy_search_scales_to_many_experts(calibration, tiny_models):
+    mm = tiny(tiny_models, num_local_experts=64, num_hidden_layers=1)
     assert math.comb(64, 60) > 5000
     plan = NAEE().plan(mm, calibration, Target(keep=60))
     validate_plan(plan, mm.routing_spec(), for_export=True)
@@ -218,8 +224,8 @@ def test_greedy_search_scales_to_many_experts(calibration):
     assert plan.extra["evaluations"]["0"] <= 1 + 64 + 63 + 62 + 61
 
 
-def test_greedy_search_keeps_grouped_routing_balanced(calibration):
-    mm = layout("deepseek_v3-grouped-dense-first")
+def test_greedy_search_keeps_grouped_routing_balanced(calibration, tiny_models):
+    mm = layout(tiny_models, "deepseek_v3-grouped-dense-first")
     plan = NAEE(max_subsets=1).plan(mm, calibration, Target(keep=4))
     validate_plan(plan, mm.routing_spec(), for_export=True)
     for keep in plan.layers.values():
@@ -283,8 +289,8 @@ def recorded_medians(mm: MoEModel, texts: list[str], tmp_path, plan: Plan | None
 
 
 @pytest.mark.parametrize("top_k", [2, 3])
-def test_dynamic_skip_beta_is_the_median_gate_ratio(top_k, calibration, tmp_path):
-    mm = tiny(num_experts_per_tok=top_k)
+def test_dynamic_skip_beta_is_the_median_gate_ratio(top_k, calibration, tmp_path, tiny_models):
+    mm = tiny(tiny_models, num_experts_per_tok=top_k)
     plan = DynamicSkipping().plan(mm, calibration, Target(keep=8))
     assert plan.layers == {} and plan.extra["method"] == "dynamic_skip"
     expected = recorded_medians(mm, calibration.texts(), tmp_path)
@@ -307,16 +313,16 @@ def test_dynamic_skip_with_pruning_measures_betas_on_the_naee_pruned_model(mixtr
         mm.model(input_ids=torch.tensor([[5, 6, 7]]))
 
 
-def test_dynamic_skip_refuses_what_cannot_skip(calibration):
+def test_dynamic_skip_refuses_what_cannot_skip(calibration, tiny_models):
     with pytest.raises(MoEScopeError, match="cannot skip experts dynamically"):
-        DynamicSkipping().plan(tiny("dbrx"), calibration, Target(keep=8))
+        DynamicSkipping().plan(tiny(tiny_models, "dbrx"), calibration, Target(keep=8))
     with pytest.raises(MoEScopeError, match="top-k of at least 2"):
-        DynamicSkipping().plan(tiny(), calibration, Target(keep=8, top_k=1))
+        DynamicSkipping().plan(tiny(tiny_models), calibration, Target(keep=8, top_k=1))
 
 
-def test_reap_refuses_llama4(calibration):
+def test_reap_refuses_llama4(calibration, tiny_models):
     with pytest.raises(MoEScopeError, match="REAP does not support Llama4"):
-        REAP().plan(tiny("llama4_text"), calibration, Target(keep=4))
+        REAP().plan(tiny(tiny_models, "llama4_text"), calibration, Target(keep=4))
 
 
 # ----- valid plans across families -------------------------------------------------------------------
@@ -325,8 +331,8 @@ FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3-grouped-dense-first", "dbrx", "
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", [REAP, NAEE])
-def test_plans_are_valid_and_round_trip_on_several_families(method, family, calibration):
-    mm = layout(family) if "-" in family else tiny(family)
+def test_plans_are_valid_and_round_trip_on_several_families(method, family, calibration, tiny_models):
+    mm = layout(tiny_models, family) if "-" in family else tiny(tiny_models, family)
     target = Target(ratio=0.5, top_k=1)
     plan = method().plan(mm, calibration, target)
     validate_plan(plan, mm.routing_spec(), for_export=True)
@@ -339,8 +345,8 @@ def test_plans_are_valid_and_round_trip_on_several_families(method, family, cali
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3-grouped-dense-first", "gpt_oss"])
-def test_dynamic_skip_plans_are_valid_and_round_trip(family, calibration):
-    mm = layout(family) if "-" in family else tiny(family)
+def test_dynamic_skip_plans_are_valid_and_round_trip(family, calibration, tiny_models):
+    mm = layout(tiny_models, family) if "-" in family else tiny(tiny_models, family)
     plan = DynamicSkipping().plan(mm, calibration, Target(ratio=0.0))
     validate_plan(plan, mm.routing_spec())
     assert sorted(plan.dynamic_skip) == mm.layer_indices

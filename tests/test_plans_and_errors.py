@@ -150,6 +150,7 @@ def test_interrupted_export_leaves_nothing(mixtral, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.numeric
 def test_two_threads_with_different_plans_each_get_their_own_logits(mixtral):
     x = ids(2, 16, seed=7)
     plans = [Plan(layers={0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}), Plan(layers={0: [4, 5, 6, 7], 1: [4, 5, 6, 7]}, top_k=1)]

@@ -40,6 +40,8 @@ def test_meets_the_quality_bar_and_beats_trivial_baselines(quality):
     assert tasks["code"]["metrics"]["nll"] < 6.245 - 1 and tasks["prose"]["metrics"]["nll"] < 6.282 - 1
 
 
+@pytest.mark.numeric
+@pytest.mark.slow
 def test_figures_reproduce_on_a_subset(quality):
     evaluator = Evaluator(load_model(MODEL))
     for task, figures in quality["tasks"].items():

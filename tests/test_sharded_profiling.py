@@ -16,15 +16,14 @@ from core.model import load_model
 from core.profile import Profile
 from core.profiling import Sharding, parts_dir, profile_texts, read_task_texts
 
-from .tiny_models import save_tiny
-
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # torchrun and Slurm-style runs start several Python processes
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_models):
     tmp = tmp_path_factory.mktemp("shard")
-    model = save_tiny(tmp / "model")
+    model = tiny_models.checkpoint()
     words = "the cat sat on a mat and then it ran off to see the world".split()
     (tmp / "a.txt").write_text("\n".join(" ".join(words[: 3 + i % 11]) for i in range(23)) + "\n")
     (tmp / "b.txt").write_text("\n".join(f"{i} + {i * 7} = {i * 8}" for i in range(9)) + "\n")

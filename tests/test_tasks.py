@@ -110,31 +110,24 @@ def test_render_example_kinds():
     assert render_example(get_task_spec("code"), {"text": "x = 1\n"}).text == "x = 1\n"
 
 
-def _write_task(tmp_path, rows, **spec):
-    d = tmp_path / "t"
-    d.mkdir()
-    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = {"name": "t", "metric": "exact_match", "data_files": {"test": "test.jsonl"},
-            "prompt_template": "Compute: {expression}=", "answer_field": "answer"}
-    base.update(spec)
-    (d / "task.json").write_text(json.dumps(base))
-    return d
+ARITHMETIC = {"metric": "exact_match", "prompt_template": "Compute: {expression}=", "answer_field": "answer"}
 
 
-def test_missing_column_gives_clear_error(tmp_path):
-    d = _write_task(tmp_path, [{"expression": "1+1"}])
+def test_missing_column_gives_clear_error(write_task):
+    d = write_task("t", [{"expression": "1+1"}], **ARITHMETIC)
     with pytest.raises(TaskError, match=r"lacks column\(s\) answer"):
         load_task(d, "test")
 
 
-def test_generation_needs_at_least_one_new_token(tmp_path):
-    d = _write_task(tmp_path, [{"expression": "1+1", "answer": "2"}], max_new_tokens=0)
+def test_generation_needs_at_least_one_new_token(write_task):
+    d = write_task("t", [{"expression": "1+1", "answer": "2"}], **ARITHMETIC, max_new_tokens=0)
     with pytest.raises(TaskError, match="max_new_tokens must be at least 1"):
         TaskSpec.from_json(d)
 
 
-def test_missing_file_and_split_give_clear_errors(tmp_path):
-    d = _write_task(tmp_path, [{"expression": "1+1", "answer": "2"}], data_files={"test": "nope.jsonl", "validation": "v.jsonl"})
+def test_missing_file_and_split_give_clear_errors(write_task):
+    d = write_task("t", [{"expression": "1+1", "answer": "2"}], **ARITHMETIC,
+                   data_files={"test": "nope.jsonl", "validation": "v.jsonl"})
     with pytest.raises(TaskError, match="nope.jsonl is missing"):
         load_task(d, "test")
     with pytest.raises(TaskError, match="has no split 'train'"):
@@ -153,6 +146,7 @@ def test_bad_specs_rejected():
         TaskSpec(name="x", metric="lm_loss", text_field="text")
 
 
+@pytest.mark.slow  # datasets gives up on the hub only after its own retries
 def test_unreachable_hub_dataset_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

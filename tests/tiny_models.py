@@ -107,16 +107,24 @@ def save_tiny(path, model_type: str = "mixtral", **overrides):
     return path
 
 
-def write_lm_task(folder, texts, splits=("calibration",)):
-    """A language-model-loss task named "lm" with the same texts in each split, as a task folder."""
+def write_task(folder, rows, splits=("test",), **spec):
+    """The one task-folder writer of the suite: ``rows`` (dicts) as ``<split>.jsonl`` for each split, and a
+    task.json of ``spec`` (name defaults to the folder's name, data_files to the files written). Returns the
+    folder; ``TaskSpec.from_json(folder)`` reads it back."""
     import json
     from pathlib import Path
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rows = "".join(json.dumps({"text": t}) + "\n" for t in texts)
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
     for split in splits:
-        (folder / f"{split}.jsonl").write_text(rows)
-    (folder / "task.json").write_text(json.dumps({"name": "lm", "metric": "lm_loss", "text_field": "text",
-                                                  "data_files": {s: f"{s}.jsonl" for s in splits}}))
+        (folder / f"{split}.jsonl").write_text(lines)
+    spec = {"name": folder.name, "data_files": {s: f"{s}.jsonl" for s in splits}, **spec}
+    (folder / "task.json").write_text(json.dumps(spec))
     return folder
+
+
+def write_lm_task(folder, texts, splits=("calibration",)):
+    """A language-model-loss task named "lm" with the same texts in each split, as a task folder."""
+    return write_task(folder, [{"text": t} for t in texts], splits=splits, name="lm", metric="lm_loss",
+                      text_field="text")
