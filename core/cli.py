@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import MoEScopeError, user_message
-from .outputs import check_output
+from .outputs import check_output, output_lock
 
 
 # ----- argument types: a bad value is refused by argparse with one line, before anything runs -------------
@@ -227,16 +227,17 @@ def cmd_prune(args: argparse.Namespace) -> None:
     target = Target(keep=args.keep, ratio=None if args.keep else args.ratio, top_k=args.top_k)
     calibration = Calibration.of(args.task, split=args.split, limit=args.limit or None)
     check_output(args.out, "plan", args.overwrite, sources=[args.model])
-    mm = _load(args)
-    bar = tqdm(total=1000, desc=args.method, bar_format="{l_bar}{bar}| {elapsed} {postfix}")
+    with output_lock(args.out):  # one writer per output, for the whole (possibly long) search
+        mm = _load(args)
+        bar = tqdm(total=1000, desc=args.method, bar_format="{l_bar}{bar}| {elapsed} {postfix}")
 
-    def progress(message: str, fraction: float) -> None:
-        bar.n = int(1000 * fraction)
-        bar.set_postfix_str(message)
+        def progress(message: str, fraction: float) -> None:
+            bar.n = int(1000 * fraction)
+            bar.set_postfix_str(message)
 
-    plan = method.plan(mm, calibration, target, progress=progress)
-    bar.close()
-    plan.save(args.out)
+        plan = method.plan(mm, calibration, target, progress=progress)
+        bar.close()
+        plan.save(args.out)
     kept = {k: len(v) for k, v in plan.layers.items()}
     print(f"wrote {args.out}: {args.method} keeps {sorted(set(kept.values())) or 'all'} experts per layer, "
           f"top-k {plan.top_k or mm.top_k}, {plan.extra.get('forward_passes', 0)} forward passes, "
@@ -249,13 +250,14 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if Path(args.out).suffix not in (".csv", ".parquet"):
         raise MoEScopeError(f"{args.out} must end in .csv or .parquet.")
     check_output(args.out, "table", args.overwrite, sources=[args.model])
-    mm = _load(args)
-    table = run_sweep(mm, args.methods, args.ratios, args.tasks,
-                      calibration_tasks=args.calibration_tasks or None, top_k=args.top_k,
-                      seeds=args.seeds, limit=args.limit or None,
-                      calibration_limit=args.calibration_limit or None,
-                      progress=lambda what, done, total: print(f"[{done}/{total}] {what}", flush=True))
-    save_table(table, args.out)
+    with output_lock(args.out):
+        mm = _load(args)
+        table = run_sweep(mm, args.methods, args.ratios, args.tasks,
+                          calibration_tasks=args.calibration_tasks or None, top_k=args.top_k,
+                          seeds=args.seeds, limit=args.limit or None,
+                          calibration_limit=args.calibration_limit or None,
+                          progress=lambda what, done, total: print(f"[{done}/{total}] {what}", flush=True))
+        save_table(table, args.out)
     print(f"wrote {args.out} ({len(table)} rows)")
 
 
@@ -273,12 +275,12 @@ def cmd_merge_profiles(args: argparse.Namespace) -> None:
 
 
 def dashboard_command(model: str | None, port: int, address: str = "127.0.0.1") -> list[str]:
-    """The Streamlit command line: address, port and upload limit explicit, so no config file in the
-    current directory decides them."""
+    """The Streamlit command line: address, port, upload limit and look explicit, so no config file in the
+    current directory decides them (``.streamlit/config.toml`` holds the same settings for ``streamlit run``)."""
     app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
     return [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", address,
             "--server.port", str(port), "--server.headless", "true", "--server.maxUploadSize", str(UPLOAD_LIMIT_MB),
-            "--browser.gatherUsageStats", "false"]
+            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer", "--theme.base", "light"]
 
 
 UPLOAD_LIMIT_MB = 50  # plans and sweep tables; profiles are loaded by path

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ import streamlit as st
 
 from core import aggregate
 from core.errors import user_message
+from core.io import remove_stale_temporaries, temporary_name
 from core.model import MoEModel, load_model
 from core.profile import Profile
 from core.profiling import profile_texts
@@ -55,6 +57,11 @@ def plain(text: str) -> str:
     return _MARKDOWN.sub(r"\\\1", text)
 
 
+def code(text: object) -> str:
+    """``text`` as an inline code span: shown as written, and never turned into a link (paths with ``@``)."""
+    return "`" + str(text).replace("`", "'") + "`"
+
+
 def show_error(what: str, exc: BaseException, uploads: dict[str, str] | None = None) -> None:
     """The CLI's one sentence for ``exc`` (``core.errors.user_message``), as plain text, naming the user's
     uploaded file instead of the temporary copy (``uploads``: temporary path -> the user's file name)."""
@@ -64,6 +71,30 @@ def show_error(what: str, exc: BaseException, uploads: dict[str, str] | None = N
     for temporary, name in (uploads or {}).items():
         message = message.replace(temporary, name)
     st.error(plain(f"{what}: {message}"))
+
+
+# ----- uploads ---------------------------------------------------------------------------------------
+def new_upload_folder() -> Path:
+    """A fresh folder for an uploaded file under ``home()/uploads``. Its name carries this server's PID
+    (``core.io.temporary_name``), so uploads of a dashboard that has stopped are removed here, by the next one."""
+    root = home() / "uploads"
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(root)
+    folder = temporary_name(root / "profile")
+    folder.mkdir()
+    return folder
+
+
+def drop_upload_folder(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def keep_upload_folder(folder: Path) -> None:
+    """Make ``folder`` this session's upload; the session's previous upload folder is removed now."""
+    previous = st.session_state.get("profile_upload_folder")
+    st.session_state["profile_upload_folder"] = str(folder)
+    if previous and previous != str(folder):
+        drop_upload_folder(Path(previous))
 
 
 # ----- model ----------------------------------------------------------------------------------------

@@ -416,3 +416,43 @@ def test_dashboard_binds_to_localhost_from_any_folder(tmp_path):
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_prune_and_sweep_refuse_an_output_another_run_is_writing(model_dir, tmp_path, capsys):
+    from .tiny_models import write_lm_task
+
+    task = write_lm_task(tmp_path / "lm", ["hello world", "abc def"])
+    plan, table = tmp_path / "plan.json", tmp_path / "sweep.csv"
+    holders = [hold_lock(plan), hold_lock(table)]
+    try:
+        assert main(["prune", str(model_dir), "--method", "frequency", "--task", str(task), "--out", str(plan)]) == 2
+        assert f"process {holders[0].pid}" in one_error_line(capsys)
+        assert main(["sweep", str(model_dir), "--methods", "frequency", "--ratios", "0.5", "--tasks", str(task),
+                     "--out", str(table)]) == 2
+        assert f"process {holders[1].pid}" in one_error_line(capsys)
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+    assert not plan.exists() and not table.exists()
+
+
+def test_dashboard_uploads_are_removed_when_replaced_or_left_by_a_stopped_server(tmp_path, monkeypatch):
+    from dashboard import state
+
+    monkeypatch.setenv("MOESCOPE_HOME", str(tmp_path))
+    uploads = tmp_path / "dashboard" / "uploads"
+    uploads.mkdir(parents=True)
+    stopped = uploads / ".profile.moescope-999999999-0123abcd@" f"{socket.gethostname()}.tmp"
+    stopped.mkdir()  # the upload of a dashboard process that no longer exists
+    session: dict = {}
+    monkeypatch.setattr(state.st, "session_state", session)
+    first = state.new_upload_folder()
+    assert not stopped.exists() and first.is_dir()
+    state.keep_upload_folder(first)
+    second = state.new_upload_folder()
+    state.keep_upload_folder(second)
+    assert not first.exists() and second.is_dir()  # the session's previous upload is gone
+    failed = state.new_upload_folder()
+    state.drop_upload_folder(failed)
+    assert sorted(p.name for p in uploads.iterdir()) == [second.name]

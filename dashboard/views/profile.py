@@ -1,6 +1,5 @@
 """Profile: record every routing decision on chosen tasks, or load a saved profile; download it."""
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,10 +42,8 @@ with load:
                 sidecar = [u for u in uploads if u.name.endswith(".json")]
                 if len(parquet) != 1 or len(sidecar) != 1:
                     raise MoEScopeError("Upload exactly one .parquet profile and its .json sidecar.")
-                # The upload lives in a folder that is removed when this session replaces or drops it (the
-                # TemporaryDirectory's finaliser), or when the server stops: uploads never pile up on disk.
-                folder = tempfile.TemporaryDirectory(prefix="moescope-upload-")
-                target = Path(folder.name) / "uploaded.parquet"
+                folder = state.new_upload_folder()
+                target = folder / Path(parquet[0].name).name  # the user's own file name, shown on the page
                 target.write_bytes(parquet[0].getvalue())
                 sidecar_path(target).write_bytes(sidecar[0].getvalue())
                 shown_names = {str(target): f"the uploaded {parquet[0].name}",
@@ -58,9 +55,11 @@ with load:
             profile.meta.require_model(mm.weights_digest(), mm.source)
         except Exception as exc:  # noqa: BLE001 - shown as one sentence, the app keeps running
             state.show_error("Could not load the profile", exc, uploads=shown_names)
+            if uploads:
+                state.drop_upload_folder(folder)
         else:
             if uploads:
-                st.session_state["profile_upload_folder"] = folder  # the previous upload's folder goes now
+                state.keep_upload_folder(folder)  # and remove this session's previous upload
             st.session_state["profile_path"] = str(profile.path)
             st.success(f"Loaded {profile.path.name}.")
 
@@ -74,7 +73,7 @@ if profile is not None:
     cols[1].metric("Tokens", f"{meta.tokens:,}")
     cols[2].metric("Routing rows", f"{meta.rows:,}")
     cols[3].metric("Recorded", meta.created[:16].replace("T", " "))
-    st.caption(f"{profile.path} · tasks: {', '.join(meta.tasks)} · model {meta.model}")
+    st.caption(f"{state.code(profile.path)} · tasks: {state.plain(', '.join(meta.tasks))} · model {state.code(meta.model)}")
     d1, d2 = st.columns(2)
     d1.download_button("Download profile (.parquet)", profile.path.read_bytes(), file_name=profile.path.name,
                        mime="application/octet-stream")
