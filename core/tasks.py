@@ -1,218 +1,37 @@
-"""Task specifications and loading: one place that says how an example becomes a prompt and answers.
+"""Task loading and rendering: one place that says how an example becomes a prompt and answers.
 
-The evaluation harness and the sample model's own evaluation both render examples through
+The evaluation harness, profiling and the sample model's scripts all render examples through
 :func:`render_example`, so their numbers agree. Local tasks are JSON-lines files read through
 ``datasets.load_dataset("json", ...)``; hub tasks go through ``load_dataset(id, config, split=...)``.
+What a spec holds and how it is checked is ``core.task_spec``; its names are re-exported here.
+
+Named tasks ("qa", "code", ...) are the folders of the task directory: ``$MOESCOPE_TASKS_DIR`` when set,
+else the sample tasks bundled with the repository (:data:`SAMPLE_TASKS_DIR`, ``sample_data/tasks``).
+It is read at each call (:func:`tasks_dir`), so setting the variable takes effect at once.
 """
 
 from __future__ import annotations
 
-import _string
 import codecs
-import json
-import re
-import string
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Union
 
-from core.errors import MoEScopeError
+from core.task_spec import (MAX_SPEC_BYTES, METRIC_KINDS, MetricKind, TaskError, TaskSpec, TaskWarning,
+                            describe_json, template_fields)
 
-MetricKind = Literal["squad", "exact_match", "lm_loss", "multiple_choice"]
-METRIC_KINDS: tuple[str, ...] = ("squad", "exact_match", "lm_loss", "multiple_choice")
-SAMPLE_TASKS_DIR = Path(__file__).resolve().parents[1] / "sample_data" / "tasks"
+__all__ = ["MAX_SPEC_BYTES", "METRIC_KINDS", "MetricKind", "Rendered", "SAMPLE_TASKS_DIR", "TaskError", "TaskSpec",
+           "TaskWarning", "get_task_spec", "list_sample_tasks", "load_task", "render_example", "task_texts",
+           "tasks_dir", "template_fields", "training_text", "warn_empty"]
 
-
-class TaskError(MoEScopeError):
-    """A task cannot be loaded or rendered; the message says what to fix."""
-
-
-class TaskWarning(UserWarning):
-    """Task data that evaluation works around (an empty text skipped, an over-long example truncated)."""
+SAMPLE_TASKS_DIR = Path(__file__).resolve().parents[1] / "sample_data" / "tasks"  # the default, in a checkout
 
 
-MAX_SPEC_BYTES = 2**20  # a task.json names its data; one larger than this is not a spec
-
-
-def _short(value: Any, width: int = 40) -> str:
-    """``repr(value)`` on one line, cut to ``width`` characters."""
-    text = repr(value)
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def _describe(value: Any) -> str:
-    """A JSON value as a message shows it, short and on one line."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"{str(value).lower()} (a boolean)"
-    if isinstance(value, str):
-        return f"the string {_short(value)}"
-    if isinstance(value, (int, float)):
-        return f"the number {_short(value)}"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return f"a {type(value).__name__}"
-
-
-def template_fields(template: str) -> list[str]:
-    """The example columns a ``str.format`` prompt template reads, in order. Raises ValueError saying what
-    is wrong for a template that cannot be filled by column name: unmatched braces, positional fields
-    (``{}``, ``{0}``), attribute access (``{x.y}``; index with ``{x[key]}`` instead), bad conversions,
-    fields inside a format spec (``{x:{w}}``), or a width or precision above 9999 (``{x:>999999999}`` would
-    build a gigabyte prompt)."""
-    out: list[str] = []
-    for _, name, spec, conversion in string.Formatter().parse(template):  # ValueError on unmatched braces
-        if name is None:
-            continue
-        first, rest = _string.formatter_field_name_split(name)
-        if first == "" or isinstance(first, int):
-            raise ValueError(f"{{{name}}} is a positional field; name the example's column, as in {{question}}")
-        for is_attribute, _key in rest:  # ValueError on a malformed [index]
-            if is_attribute:
-                raise ValueError(f"{{{name}}} uses attribute access; index a column with [key] instead")
-        if conversion not in (None, "r", "s", "a"):
-            raise ValueError(f"{{{name}!{conversion}}} has an unknown conversion; use !s, !r or !a")
-        if spec and ("{" in spec or "}" in spec):
-            raise ValueError(f"the format spec of {{{name}}} holds a field; give a fixed spec such as :>8")
-        if re.search(r"\d{5}", spec or ""):
-            raise ValueError(f"the format spec of {{{name}}} asks for a width or precision above 9999")
-        out.append(first)
-    return list(dict.fromkeys(out))
-
-
-@dataclass
-class TaskSpec:
-    """How to load a task and turn one example into model inputs and references.
-
-    Either ``data_files`` (split -> path, relative paths resolved against ``base_dir``) or
-    ``hf_dataset`` (+ ``hf_config`` and ``hf_split`` mapping our split names to the hub's) is set.
-    ``prompt_template`` is a ``str.format`` template over the example's columns; the model's
-    continuation starts with ``target_prefix`` (e.g. the space after "Answer:"). ``stop`` is one stop
-    string ("" for none: generation then ends at end of sequence or ``max_new_tokens``).
-
-    Every field is checked for its type and range when a spec is made (``__post_init__``), so a bad value
-    is refused where it enters, as a TaskError of one sentence. This is a dataclass with validators rather
-    than a pydantic model: the checks are few, pydantic would coerce ``"4"`` to 4 and ``true`` to 1 unless
-    every field were declared strict, and its multi-line error reports would need rewriting into one
-    sentence anyway.
-    """
-
-    name: str
-    metric: MetricKind
-    data_files: dict[str, str] = field(default_factory=dict)
-    hf_dataset: str | None = None
-    hf_config: str | None = None
-    hf_split: dict[str, str] = field(default_factory=dict)
-    prompt_template: str = ""
-    answer_field: str | None = None
-    options_field: str | None = None
-    text_field: str | None = None
-    target_prefix: str = " "
-    stop: str = "\n"
-    max_new_tokens: int = 16
-    description: str = ""
-    base_dir: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if (not isinstance(self.name, str) or not self.name.strip() or not self.name.isprintable()
-                or len(self.name) > 200):
-            raise TaskError(f"a task's name must be a non-empty string of at most 200 characters on one line, not "
-                            f"{_describe(self.name)}: give the task a short name")
-        who = f"task {self.name!r}"
-        if not isinstance(self.metric, str) or self.metric not in METRIC_KINDS:
-            raise TaskError(f"{who}: metric {_short(self.metric)} is not one of {', '.join(METRIC_KINDS)}")
-        for name in ("data_files", "hf_split"):
-            value = getattr(self, name)
-            if not isinstance(value, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v
-                                                      for k, v in value.items()):
-                raise TaskError(f"{who}: {name} must map split names to non-empty strings, as in "
-                                f'{{"test": "test.jsonl"}}, not {_describe(value)}')
-        for name in ("hf_dataset", "hf_config", "answer_field", "options_field", "text_field"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, str) and value):
-                raise TaskError(f"{who}: {name} must be a non-empty string or left out, not {_describe(value)}")
-        for name in ("prompt_template", "target_prefix", "stop", "description"):
-            value = getattr(self, name)
-            if not isinstance(value, str):
-                hint = " (one stop string; \"\" for none)" if name == "stop" else ""
-                raise TaskError(f"{who}: {name} must be a string{hint}, not {_describe(value)}")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise TaskError(f"{who}: max_new_tokens must be a whole number of at least 1, not "
-                            f"{_describe(self.max_new_tokens)}: write a number such as 16, without quotes")
-        if self.max_new_tokens < 1:
-            raise TaskError(f"{who}: max_new_tokens must be at least 1 (it is {self.max_new_tokens}): give the "
-                            "most tokens an answer may take")
-        if isinstance(self.base_dir, str):
-            self.base_dir = Path(self.base_dir)
-        if self.base_dir is not None and not isinstance(self.base_dir, Path):
-            raise TaskError(f"{who}: base_dir must be a folder path, not {_describe(self.base_dir)}")
-        if not isinstance(self.extra, dict):
-            raise TaskError(f"{who}: extra must be a dict of the spec's other keys, not {_describe(self.extra)}")
-        try:
-            template_fields(self.prompt_template)
-        except ValueError as e:
-            raise TaskError(f"{who}: prompt_template {_short(self.prompt_template, 60)} cannot be filled ({e}); "
-                            "write literal braces as {{ and }}") from None
-        if not self.data_files and not self.hf_dataset:
-            raise TaskError(f"{who}: give either data_files or hf_dataset in its spec")
-        if self.metric == "lm_loss" and not self.text_field:
-            raise TaskError(f"{who}: an lm_loss task needs text_field")
-        if self.metric in ("squad", "exact_match") and not (self.prompt_template and self.answer_field):
-            raise TaskError(f"{who}: a {self.metric} task needs prompt_template and answer_field")
-        if self.metric == "multiple_choice" and not (self.prompt_template and self.options_field and self.answer_field):
-            raise TaskError(f"{who}: a multiple_choice task needs prompt_template, options_field and answer_field (the label)")
-
-    @property
-    def splits(self) -> list[str]:
-        return list(self.data_files or self.hf_split)
-
-    def required_columns(self) -> list[str]:
-        """Columns an example must have: the template's fields plus answer/options/text fields."""
-        cols = template_fields(self.prompt_template)
-        for c in (self.answer_field, self.options_field, self.text_field):
-            if c:
-                cols.append(c)
-        return list(dict.fromkeys(cols))
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "TaskSpec":
-        """Read a task.json; relative data file paths are taken relative to its folder."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "task.json"
-        if not path.exists():
-            raise TaskError(f"no task spec at {path}: pass a task.json or a folder that holds one")
-        try:
-            if path.stat().st_size > MAX_SPEC_BYTES:
-                raise TaskError(f"{path} is {path.stat().st_size} bytes, too large for a task spec (at most "
-                                f"{MAX_SPEC_BYTES}): put the examples in data files and name them in data_files")
-            raw = json.loads(path.read_bytes().decode("utf-8"))
-        except OSError as e:
-            raise TaskError(f"could not read the task spec {path} ({e.strerror or type(e).__name__}): "
-                            "pass a readable task.json") from None
-        except UnicodeDecodeError as e:
-            raise TaskError(f"{path} is not UTF-8 text (byte {e.start} is not valid UTF-8): save it as UTF-8") from None
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): fix the file") from None
-        except RecursionError:
-            raise TaskError(f"{path} nests JSON too deeply to read: a task spec is one flat object") from None
-        if not isinstance(raw, dict):
-            raise TaskError(f"{path} holds {_describe(raw)} where a task spec must be a JSON object: write it as "
-                            '{"name": ..., "metric": ..., ...}')
-        known = {f for f in cls.__dataclass_fields__ if f not in ("base_dir", "extra")}
-        kwargs = {k: v for k, v in raw.items() if k in known}
-        extra = {k: v for k, v in raw.items() if k not in known}
-        if "name" not in kwargs or "metric" not in kwargs:
-            raise TaskError(f"{path} must give at least 'name' and 'metric'")
-        try:
-            return cls(**kwargs, base_dir=path.parent, extra=extra)
-        except TaskError as e:
-            raise TaskError(f"{path}: {e}") from None
+def tasks_dir() -> Path:
+    """The folder whose task folders can be named: ``$MOESCOPE_TASKS_DIR``, else :data:`SAMPLE_TASKS_DIR`."""
+    return Path(os.environ.get("MOESCOPE_TASKS_DIR") or SAMPLE_TASKS_DIR).expanduser()
 
 
 def _check_utf8(path: Path, task: str) -> None:
@@ -240,19 +59,18 @@ def _check_utf8(path: Path, task: str) -> None:
                         "fix data_files or the file's permissions") from None
 
 
-def list_sample_tasks(tasks_dir: str | Path = SAMPLE_TASKS_DIR) -> list[str]:
-    """Names of the bundled sample tasks (folders with a task.json), sorted."""
-    d = Path(tasks_dir)
-    return sorted(p.parent.name for p in d.glob("*/task.json"))
+def list_sample_tasks(folder: str | Path | None = None) -> list[str]:
+    """Names of the tasks in ``folder`` (default :func:`tasks_dir`): its folders with a task.json, sorted."""
+    return sorted(p.parent.name for p in Path(folder or tasks_dir()).glob("*/task.json"))
 
 
 def get_task_spec(spec_or_path: Union[TaskSpec, str, Path]) -> TaskSpec:
-    """Accept a TaskSpec, a sample task name ('qa'), a task folder, or a task.json path."""
+    """Accept a TaskSpec, a task name from :func:`tasks_dir` ('qa'), a task folder, or a task.json path."""
     if isinstance(spec_or_path, TaskSpec):
         return spec_or_path
     p = Path(spec_or_path)
-    if not p.exists() and (SAMPLE_TASKS_DIR / str(spec_or_path)).is_dir():
-        p = SAMPLE_TASKS_DIR / str(spec_or_path)
+    if not p.exists() and (tasks_dir() / str(spec_or_path)).is_dir():
+        p = tasks_dir() / str(spec_or_path)
     if not p.exists():
         names = ", ".join(list_sample_tasks()) or "none found"
         raise TaskError(f"unknown task {spec_or_path!r}: give a task.json path or one of the sample tasks ({names})")
@@ -325,7 +143,7 @@ def render_example(spec: TaskSpec, example: dict[str, Any], index: int | None = 
             value = example[spec.text_field]
             text = "" if value is None else _scalar_text(value)
             if text is None:
-                raise TaskError(f"{where} has {_describe(value)} in {spec.text_field!r} where text belongs: fix the data")
+                raise TaskError(f"{where} has {describe_json(value)} in {spec.text_field!r} where text belongs: fix the data")
             return Rendered(text=text)
         try:
             prompt = spec.prompt_template.format(**example)
@@ -336,7 +154,7 @@ def render_example(spec: TaskSpec, example: dict[str, Any], index: int | None = 
             raw = example[spec.options_field]
             texts = [_scalar_text(o) for o in raw] if isinstance(raw, (list, tuple)) else [None]
             if not raw or None in texts:
-                raise TaskError(f"{where} has {_describe(raw)} in {spec.options_field!r} where a list of option texts "
+                raise TaskError(f"{where} has {describe_json(raw)} in {spec.options_field!r} where a list of option texts "
                                 "belongs: fix the data")
             options = [spec.target_prefix + o for o in texts]  # type: ignore[operator]
             value = example[spec.answer_field]
@@ -344,7 +162,7 @@ def render_example(spec: TaskSpec, example: dict[str, Any], index: int | None = 
             if isinstance(value, str) and value.strip().isdigit():
                 label = int(value)
             if label is None:
-                raise TaskError(f"{where} has {_describe(value)} in {spec.answer_field!r} where the right option's "
+                raise TaskError(f"{where} has {describe_json(value)} in {spec.answer_field!r} where the right option's "
                                 "index (0, 1, ...) belongs: fix the data")
             if not 0 <= label < len(options):
                 raise TaskError(f"{where}: label {label} is out of range for {len(options)} options")
@@ -355,7 +173,7 @@ def render_example(spec: TaskSpec, example: dict[str, Any], index: int | None = 
         found = [_scalar_text(a) for a in ans] if isinstance(ans, (list, tuple)) else [_scalar_text(ans)]
         refs = [r for r in found if r is not None]
         if not refs or len(refs) < len(found):
-            raise TaskError(f"{where} has {_describe(ans)} in {spec.answer_field!r} where reference answer text "
+            raise TaskError(f"{where} has {describe_json(ans)} in {spec.answer_field!r} where reference answer text "
                             "belongs: give each example at least one answer")
         return Rendered(prompt=prompt, references=refs)
     except KeyError as e:

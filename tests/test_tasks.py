@@ -3,6 +3,7 @@ QA answers are real spans, and broken specs/files give the one-line TaskError.""
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,6 +39,16 @@ def regenerated(tmp_path_factory):
 
 def test_list_sample_tasks():
     assert list_sample_tasks() == sorted(EXPECTED)
+
+
+def test_the_task_folder_is_a_setting(monkeypatch, tmp_path):
+    """MOESCOPE_TASKS_DIR replaces the bundled folder for task names, read at each call."""
+    shutil.copytree(SAMPLE_TASKS_DIR / "arithmetic", tmp_path / "sums")
+    monkeypatch.setenv("MOESCOPE_TASKS_DIR", str(tmp_path))
+    assert list_sample_tasks() == ["sums"]
+    assert get_task_spec("sums").base_dir == tmp_path / "sums"
+    with pytest.raises(TaskError, match="sums"):
+        get_task_spec("qa")
 
 
 @pytest.mark.parametrize("task", sorted(EXPECTED))
