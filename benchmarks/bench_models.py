@@ -1,16 +1,13 @@
-"""The models the benchmarks run on: a tiny Mixtral for CPU, a Mixtral-shaped one for a GPU."""
+"""The models the benchmarks run on: a tiny Mixtral for CPU, a Mixtral-shaped one for a GPU.
+
+Imported by its sibling scripts (run as files, so this folder is on their path), with MoEScope installed (``pip install -e .``; ``make setup`` does it)."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core.model import MoEModel  # noqa: E402
+from core.model import MoEModel
 
 
 def build(gpu: bool) -> MoEModel:

@@ -6,7 +6,10 @@
   page names the new plan and has finished running), median over settings not seen before and over returns
   to settings already seen (served from the plan and result caches).
 
-    python benchmarks/dashboard_latency.py [--out benchmarks/results/cpu_dashboard_latency.json]
+    python -m benchmarks.dashboard_latency [--out benchmarks/results/cpu_dashboard_latency.json]
+
+Run it from the repository root (it uses the tests' browser helpers, ``tests.browser``) with MoEScope installed (``pip install -e .``; ``make setup`` does it)
+and the dev extras (playwright, /usr/bin/chromium).
 """
 
 from __future__ import annotations
@@ -14,13 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.browser import ROOT, browser_page, streamlit_server, wait_for_app  # noqa: E402
+from tests.browser import ROOT, browser_page, streamlit_server, wait_for_app
 
 PAGES = {"Model & data": "Experts per layer", "Profile": "Active profile", "Utilization": "Selected expert",
          "Tokens": "Chance level", "Prune": "Parameters", "Export": "Write the pruned checkpoint"}

@@ -2,22 +2,21 @@
 shaped like a real recording (batch 16 x 512 tokens, 4 MoE layers, top-2), including the final close.
 
     python benchmarks/profile_write.py [--forwards 64]
+
+Run it with MoEScope installed (``pip install -e .``; ``make setup`` does it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core.profile import ProfileMeta, ProfileWriter, TokenBatch  # noqa: E402
+from core.profile import ProfileMeta, ProfileWriter, TokenBatch
 
 
 def main() -> None:

@@ -4,6 +4,8 @@ held-out test split. Random is reported as mean ± std over seeds.
 
     python benchmarks/reproduce_eep.py [--model sample_data/model] [--tasks qa,arithmetic,...]
 
+Run it from the repository root with MoEScope installed (``pip install -e .``; ``make setup`` does it).
+
 Writes benchmarks/results/eep_reproduction.md (the tables) and eep_reproduction.csv (every run).
 """
 
@@ -11,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.evaluation import Evaluator  # noqa: E402
 from core.methods import METHODS, Calibration, Target, make_method  # noqa: E402

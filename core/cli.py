@@ -262,9 +262,15 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_train_sample(args: argparse.Namespace) -> None:
-    from . import sample_training  # imported before torch: it sets OpenMP's passive waiting
+    import subprocess
 
-    sample_training.main(args.options)
+    script = Path(__file__).resolve().parents[1] / "sample_data" / "train_sample_model.py"
+    if not script.exists():
+        raise MoEScopeError("train-sample runs sample_data/train_sample_model.py of a MoEScope repository checkout, "
+                            "which this installation lacks: clone the repository and run it there.")
+    status = subprocess.call([sys.executable, str(script), *args.options])  # a fresh process: torch not yet loaded
+    if status:
+        raise SystemExit(status)
 
 
 def cmd_merge_profiles(args: argparse.Namespace) -> None:
@@ -393,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-sample", help="train the bundled sample MoE model on CPU (about 45 minutes)",
                        description="Options are passed on: --out DIR --minutes M --max-steps N --seed S "
-                                   "--no-eval --quiet (see python -m core.sample_training --help).")
+                                   "--no-eval --quiet (see python sample_data/train_sample_model.py --help).")
     p.set_defaults(func=cmd_train_sample, options=[])
 
     p = sub.add_parser("merge-profiles", help="combine profiles of disjoint shards into one")
@@ -417,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.func is cmd_train_sample:  # its options belong to core.sample_training
+    if args.func is cmd_train_sample:  # its options belong to sample_data/train_sample_model.py
         args.options = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

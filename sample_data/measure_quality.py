@@ -3,22 +3,21 @@ the model (``sample_data/model/quality.json``): the full test split of every tas
 ``--subset`` examples, which the test suite re-measures to check the figures are reproducible.
 
     python sample_data/measure_quality.py [--model sample_data/model] [--subset 48]
+
+Run it with MoEScope installed (``pip install -e .``; ``make setup`` does it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core.evaluation import Evaluator  # noqa: E402
-from core.io import atomic_write_text  # noqa: E402
-from core.model import load_model  # noqa: E402
-from core.tasks import list_sample_tasks  # noqa: E402
+from core.evaluation import Evaluator
+from core.io import atomic_write_text
+from core.model import load_model
+from core.tasks import list_sample_tasks
 
 
 def main() -> None:

@@ -136,9 +136,12 @@ def test_sweep_command_writes_a_table(model_dir, tmp_path, capsys):
 
 
 def test_train_sample_is_wired(monkeypatch):
-    import core.sample_training as sample_training
+    import subprocess
+    import sys
+    from pathlib import Path
 
     seen = []
-    monkeypatch.setattr(sample_training, "main", lambda argv: seen.append(argv))
+    monkeypatch.setattr(subprocess, "call", lambda command: seen.append(command) or 0)
     assert main(["train-sample", "--minutes", "1", "--out", "/tmp/x", "--quiet"]) == 0
-    assert seen == [["--minutes", "1", "--out", "/tmp/x", "--quiet"]]
+    script = Path(__file__).resolve().parents[1] / "sample_data" / "train_sample_model.py"
+    assert seen == [[sys.executable, str(script), "--minutes", "1", "--out", "/tmp/x", "--quiet"]]
