@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -19,6 +19,12 @@ import torch
 from .adapters import MoELayer
 from .model import MoEModel
 from .profile import ProfileWriter, TokenBatch
+
+
+class RoutingSink(Protocol):
+    """Where recorded decisions go: a :class:`ProfileWriter` (rows on disk), or an in-memory counter."""
+
+    def add(self, tokens: TokenBatch, layer: int, experts: Any, weights: Any, probs: Any = None) -> None: ...
 
 
 @dataclass
@@ -31,7 +37,8 @@ class _BatchContext:
 
 
 class RouterRecorder:
-    """Records every MoE layer's routing decisions into a :class:`ProfileWriter`.
+    """Records every MoE layer's routing decisions into a :class:`ProfileWriter` (or another
+    :class:`RoutingSink`; give ``with_probs`` then, as only a writer's metadata says it).
 
     Usage::
 
@@ -43,7 +50,7 @@ class RouterRecorder:
     step (``step`` 1, 2, ...). ``position`` is the token's index in its own unpadded sequence.
     """
 
-    def __init__(self, mm: MoEModel, writer: ProfileWriter, with_probs: bool | None = None) -> None:
+    def __init__(self, mm: MoEModel, writer: ProfileWriter | RoutingSink, with_probs: bool | None = None) -> None:
         self.mm = mm
         self.writer = writer
         self.with_probs = writer.meta.with_probs if with_probs is None else with_probs

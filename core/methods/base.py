@@ -1,10 +1,12 @@
 """What every pruning method shares: the target it must meet, the calibration data it may look at, and how
 per-expert scores become a plan.
 
-A method is a small object with a ``name``, constructor parameters, and ``plan(mm, calibration, target)``
+A method is a small dataclass with a ``name``, constructor parameters, and ``plan(mm, calibration, target)``
 returning a :class:`~core.plan.Plan` that meets the target, carrying its provenance (method, parameters,
 seed, calibration digest, scores, forward passes, wall time) in ``extra`` — like scikit-learn estimators,
-parameters go to the constructor and data to the call.
+parameters go to the constructor and data to the call. Each method class describes itself
+(:class:`Described`): its label, its kind (score-based or search), whether it can stop early or resume, and
+its parameters read from its dataclass fields, as scikit-learn's ``get_params`` does.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,6 +27,9 @@ from ..plan import Plan, validate_plan
 from ..tasks import TaskSpec, get_task_spec, load_task, training_text
 
 ProgressFn = Callable[[str, float], None]  # (what is happening, fraction done 0..1)
+
+SCORE, SEARCH = "score", "search"  # a method's kind: rank experts by one calibration pass, or search
+RUNTIME = {"runtime": True}  # field metadata: a run-time handle (a callback, a state file), not a setting
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,53 @@ class Calibration:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class MethodInfo:
+    """What a method says about itself, for the dashboard and the workbench."""
+
+    name: str
+    label: str
+    kind: str  # SCORE or SEARCH
+    can_stop: bool  # a search that stops when asked and returns its best plan so far
+    can_resume: bool  # a search that saves its state (``state_path``) and resumes from it
+    keeps_all_experts: bool  # changes only the top-k, so the number of experts kept is not a setting
+    parameters: dict[str, Any]  # name -> default
+
+    @property
+    def is_search(self) -> bool:
+        return self.kind == SEARCH
+
+
+class Described:
+    """Self-description shared by every method class (a dataclass): class attributes say what it is, the
+    dataclass fields (but ``name`` and run-time handles marked :data:`RUNTIME`) are its parameters."""
+
+    name: str
+    label = ""  # plain class attributes, not dataclass fields
+    kind = SCORE
+    can_stop = False
+    can_resume = False
+    keeps_all_experts = False
+
+    @classmethod
+    def _parameter_fields(cls) -> list:
+        return [f for f in fields(cls) if f.name != "name" and not f.metadata.get("runtime")]
+
+    def get_params(self) -> dict[str, Any]:
+        """The method's parameters and their values, as scikit-learn's ``get_params``."""
+        return {f.name: getattr(self, f.name) for f in self._parameter_fields()}
+
+    def parameters(self) -> dict[str, Any]:
+        """The settings a plan records (``extra["parameters"]``): by default every parameter."""
+        return self.get_params()
+
+    @classmethod
+    def describe(cls) -> MethodInfo:
+        defaults = {f.name: f.default for f in cls._parameter_fields()}
+        return MethodInfo(cls.name, cls.label or cls.name, cls.kind, cls.can_stop, cls.can_resume,
+                          cls.keeps_all_experts, defaults)
+
+
 class PruningMethod(Protocol):
     name: str
 
@@ -106,14 +158,9 @@ class ExpertScores:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class ScoredMethod:
+class ScoredMethod(Described):
     """A method that ranks experts by a score and keeps each layer's best: ``expert_scores`` does the
     calibration work once, ``plan`` turns scores into a plan for a target."""
-
-    name: str
-
-    def parameters(self) -> dict[str, Any]:
-        return {}
 
     def expert_scores(self, mm: MoEModel, calibration: Calibration,
                       progress: ProgressFn | None = None) -> ExpertScores:

@@ -31,7 +31,7 @@ from ..evaluation import Evaluator
 from ..io import atomic_write_text
 from ..model import MoEModel
 from ..plan import Plan
-from .base import Calibration, ProgressFn, Target, finish_plan, top_experts
+from .base import RUNTIME, SEARCH, Calibration, Described, ProgressFn, Target, finish_plan, top_experts
 from .usage import Frequency
 
 Genome = tuple  # nested tuples: phase 1 one kept set per group; phase 2 (router rows, expert rows) per group
@@ -199,9 +199,14 @@ PRIMARY_METRIC = {"squad": "f1", "exact_match": "exact_match", "multiple_choice"
 
 
 @dataclass
-class EEP:
+class EEP(Described):
     """Evolutionary expert pruning: search kept sets (phase 1), then merging matrices (phase 2, when
     ``merge_generations`` > 0), by the calibration split's task metric."""
+
+    label = "EEP (evolutionary search)"
+    kind = SEARCH
+    can_stop = True  # between evaluations, keeping the best plan so far
+    can_resume = True  # from the population saved at ``state_path``
 
     population: int = 12
     offspring: int = 12
@@ -214,9 +219,10 @@ class EEP:
     init: str = "random"  # "frequency": the frequency baseline's kept sets join the random first generation
     seed: int = 0
     metric: str | None = None  # default: the task's primary metric (f1, exact_match, accuracy, -nll)
-    state_path: str | None = None  # save each phase's search here after every generation and resume from it
+    # save each phase's search here after every generation and resume from it
+    state_path: str | None = field(default=None, metadata=RUNTIME)
     batch_size: int = 32
-    should_stop: Callable[[], bool] | None = field(default=None, repr=False)
+    should_stop: Callable[[], bool] | None = field(default=None, repr=False, metadata=RUNTIME)
     name: str = "eep"
 
     def plan(self, mm: MoEModel, calibration: Calibration, target: Target, progress: ProgressFn | None = None) -> Plan:
@@ -272,9 +278,7 @@ class EEP:
                     plan, best = merging_plan(kept_sets, genome), merged_best
                 curve += phase2.curve
                 evaluations += phase2.evaluations
-        params = {k: getattr(self, k) for k in ("population", "offspring", "generations", "p_mutation",
-                                                 "merge_generations", "merge_p_mutation", "merge_sigma",
-                                                 "layer_groups", "init", "seed")} | {"metric": metric}
+        params = self.parameters() | {"metric": metric}
         cancelled = phase1.cancelled or bool(phase2 and phase2.cancelled)
         return finish_plan(mm, plan.layers, target, self.name, params, calibration, started,
                            forward_passes=evaluations * len(calibration.rows()) + start_passes, seed=self.seed,

@@ -13,7 +13,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from ..errors import MoEScopeError
 from ..masking import masked
 from ..model import MoEModel
 from ..plan import Plan
-from .base import Calibration, ProgressFn, Target, finish_plan
+from .base import SEARCH, Calibration, Described, ProgressFn, Target, finish_plan
 from .reap import encode_calibration, forward_calibration, padded_batches
 
 
@@ -45,7 +45,7 @@ class LayerSearch:
 
 
 @dataclass
-class NAEE:
+class NAEE(Described):
     """Keep, per MoE layer, the ``keep``-subset of experts whose masked block output is closest (Frobenius
     norm over sampled calibration tokens) to the unpruned block's. At most ``max_tokens`` real tokens are
     cached per layer: a ``seed``-ed sample, the same tokens in every layer, one layer at a time.
@@ -61,6 +61,8 @@ class NAEE:
     the lowest error of any subset containing it; greedy, the rounds it survived (kept experts survive all).
     """
 
+    label = "NAEE (reconstruction search)"
+    kind = SEARCH
     name: str = "naee"
     max_tokens: int = 2048
     max_subsets: int = 5000
@@ -90,8 +92,8 @@ class NAEE:
             results[layer.index] = search_layer(mm, layer, inputs, keep, target.top_k, self.max_subsets, report)
             layers[layer.index] = results[layer.index].keep
             del inputs
-        params = {k: v for k, v in asdict(self).items() if k != "name"}
-        return finish_plan(mm, layers, target, self.name, params, calibration, started, passes, seed=self.seed,
+        return finish_plan(mm, layers, target, self.name, self.parameters(), calibration, started, passes,
+                           seed=self.seed,
                            scores={str(k): [float(x) for x in r.scores] for k, r in results.items()},
                            **search_extra(results))
 
@@ -244,6 +246,7 @@ class DynamicSkipping(NAEE):
     ``dynamic_skip``.
     """
 
+    label = "NAEE + dynamic skipping"
     name: str = "dynamic_skip"
 
     def plan(self, mm: MoEModel, calibration: Calibration, target: Target,
@@ -261,7 +264,7 @@ class DynamicSkipping(NAEE):
         layers: dict[int, list[int]] = {}
         passes = 0
         if target.experts_kept(mm) < mm.n_experts:
-            naee = NAEE(**{k: v for k, v in asdict(self).items() if k != "name"})  # same parameters
+            naee = NAEE(**self.get_params())  # same parameters
             pruned = naee.plan(mm, calibration, target, progress)
             layers, passes = pruned.layers, pruned.extra["forward_passes"]
             extra = {k: pruned.extra[k] for k in
@@ -269,8 +272,7 @@ class DynamicSkipping(NAEE):
         seqs = encode_calibration(mm, calibration, self.max_length)
         ratios = gate_ratios(mm, seqs, self.batch_size, Plan(layers=layers, top_k=target.top_k), progress)
         betas = {str(k): float(np.median(v)) for k, v in ratios.items()}
-        params = {k: v for k, v in asdict(self).items() if k != "name"}
-        return finish_plan(mm, layers, target, self.name, params, calibration, started, passes + len(seqs),
+        return finish_plan(mm, layers, target, self.name, self.parameters(), calibration, started, passes + len(seqs),
                            seed=self.seed, dynamic_skip=betas, **extra)
 
 

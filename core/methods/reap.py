@@ -83,12 +83,10 @@ class REAP(ScoredMethod):
     an expert no calibration token reaches scores 0. Same count per layer; top-k only changes if the target
     asks."""
 
+    label = "REAP saliency"
     name: str = "reap"
     batch_size: int = 8
     max_length: int = 512
-
-    def parameters(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "max_length": self.max_length}
 
     def expert_scores(self, mm: MoEModel, calibration: Calibration,
                       progress: ProgressFn | None = None) -> ExpertScores:
