@@ -190,3 +190,40 @@ def profile_examples(profile: Profile) -> pd.DataFrame:
                           filters=[("layer", "=", profile.meta.layers[0]), ("step", "=", 0)])
     df = table.to_pandas()
     return df.groupby(["task", "example"], as_index=False).size().rename(columns={"size": "tokens"})
+
+
+# ----- views of these tables for the dashboard ----------------------------------------------------------
+def examples_per_task(profile: Profile) -> pd.DataFrame:
+    """Per task: how many examples the profile recorded and their prompt tokens."""
+    return (profile_examples(profile).groupby("task", as_index=False)
+            .agg(examples=("example", "count"), tokens=("tokens", "sum")))
+
+
+def task_usage(usage: pd.DataFrame, task: str, value: str) -> pd.DataFrame:
+    """``task``'s rows of :func:`expert_usage`, with ``value`` (share, weight_share or count) as column ``v``."""
+    cells = usage[usage["task"] == task]
+    return cells.assign(v=cells[value])
+
+
+def usage_difference(usage: pd.DataFrame, task: str, other: str, value: str) -> tuple[pd.DataFrame, str]:
+    """Per layer × expert, ``task``'s ``value`` minus ``other``'s (column ``v``), and the column compared:
+    raw counts of different-sized tasks do not compare, so ``count`` compares shares."""
+    column = "share" if value == "count" else value
+    a = usage[usage["task"] == task].set_index(["layer", "expert"])
+    b = usage[usage["task"] == other].set_index(["layer", "expert"])
+    return (a[column] - b[column]).rename("v").reset_index(), column
+
+
+def divergence_between(divergence: pd.DataFrame, task: str, other: str) -> pd.DataFrame:
+    """The rows of :func:`task_divergence` for one pair of tasks (either order): layer and jsd_bits."""
+    d = divergence
+    pair = ((d.task_a == task) & (d.task_b == other)) | ((d.task_a == other) & (d.task_b == task))
+    return d[pair][["layer", "jsd_bits"]]
+
+
+def usage_for_plan(usage: pd.DataFrame, task: str | None) -> tuple[pd.DataFrame, bool]:
+    """Expert shares to show a plan over: ``task``'s (the plan's calibration task) when the profile has it,
+    else the mean share over the profile's tasks; and whether it was ``task``'s."""
+    if task in set(usage["task"]):
+        return usage[usage["task"] == task], True
+    return usage.groupby(["layer", "expert"], as_index=False)["share"].mean(), False

@@ -22,19 +22,12 @@ import pandas as pd
 
 from .errors import MoEScopeError
 from .evaluation import EvalResult, Evaluator
-from .methods import Calibration, Target, make_method
+from .methods import Calibration, Target, describe, make_method
 from .methods.base import ExpertScores, ProgressFn, ScoredMethod
 from .model import MoEModel
 from .plan import Plan
-from .sweep import result_row
+from .results import Comparison, plan_row
 from .tasks import get_task_spec
-
-# Methods whose plan takes a search (seconds to minutes): run on request, never on every control change.
-SEARCH_METHODS = ("eep", "naee", "dynamic_skip")
-# The direction of each metric the harness reports, for deltas that read as better or worse.
-LOWER_IS_BETTER = {"nll", "perplexity"}
-# The one number per task kind that headlines a comparison.
-HEADLINE_METRIC = {"squad": "exact_match", "exact_match": "exact_match", "multiple_choice": "accuracy", "lm_loss": "nll"}
 
 
 @dataclass(frozen=True)
@@ -57,16 +50,6 @@ class PlanRequest:
         blob = json.dumps([self.method, self.calibration_task, self.keep, self.ratio, self.top_k,
                            self.calibration_limit, list(self.params)], default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@dataclass
-class Comparison:
-    """A plan's scores next to the unpruned model's, task by task, with what it saves."""
-
-    table: pd.DataFrame  # task, metric, headline, full, pruned, delta, better ("higher"/"lower"), examples
-    agreement: pd.DataFrame  # task, top1_agreement, mean_kl
-    cost: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
 
 
 @dataclass
@@ -134,11 +117,12 @@ class Workbench:
             if key in self._plans:
                 return self._plans[key]
             params = dict(request.params)
-            if request.method == "eep":
+            info = describe(request.method)
+            if info.can_stop:
                 params["should_stop"] = should_stop
-                if self.state_dir is not None:
-                    self.state_dir.mkdir(parents=True, exist_ok=True)
-                    params.setdefault("state_path", str(self.state_dir / f"eep-{self.digest[:12]}-{key}.json"))
+            if info.can_resume and self.state_dir is not None:
+                self.state_dir.mkdir(parents=True, exist_ok=True)
+                params.setdefault("state_path", str(self.state_dir / f"{request.method}-{self.digest[:12]}-{key}.json"))
             method = make_method(request.method, **params)
             calibration = self._calibration(request.calibration_task, request.calibration_limit)
             if isinstance(method, ScoredMethod):
@@ -185,27 +169,17 @@ class Workbench:
         ``agreement`` also top-1 agreement and KL against the unpruned model (its reference computed once
         per task, and log-probs at every position of each example)."""
         started = time.perf_counter()
-        rows, agreements, cost = [], [], {}
+        pairs = []
         for name in tasks:
             spec = get_task_spec(name)
             full = self.evaluator.evaluate(spec, None, split, limit, progress=progress)
             pruned = self.evaluator.evaluate(spec, plan, split, limit, progress=progress,
                                              agreement=agreement) if plan else full
-            for metric, value in full.metrics.items():
-                new = pruned.metrics[metric]
-                rows.append({"task": spec.name, "metric": metric, "headline": metric == HEADLINE_METRIC[spec.metric],
-                             "full": value, "pruned": new, "delta": new - value,
-                             "better": "lower" if metric in LOWER_IS_BETTER else "higher", "examples": full.n_examples})
             self._record(full, None)
             if plan is not None:
                 self._record(pruned, plan)
-            if pruned.agreement:
-                agreements.append({"task": spec.name, **pruned.agreement})
-            cost.setdefault("tokens_per_s_full", 0.0)
-            cost["tokens_per_s_full"] += full.cost["tokens_per_s"] / len(tasks)
-            cost["tokens_per_s"] = cost.get("tokens_per_s", 0.0) + pruned.cost["tokens_per_s"] / len(tasks)
-            cost.update({k: v for k, v in pruned.cost.items() if k != "tokens_per_s"})
-        return Comparison(pd.DataFrame(rows), pd.DataFrame(agreements), cost, time.perf_counter() - started)
+            pairs.append((spec, full, pruned))
+        return Comparison.of(pairs, time.perf_counter() - started)
 
     def sweep(self, methods: Sequence[str], keeps: Sequence[int], calibration_task: str, tasks: Sequence[str],
               top_k: int | None = None, split: str = "test", limit: int | None = None,
@@ -225,47 +199,5 @@ class Workbench:
         return pd.DataFrame(list(self._history.values()))
 
     def _record(self, result: EvalResult, plan: Plan | None) -> None:
-        n = self.mm.n_experts
-        if plan is None:
-            keys = {"method": "full", "keep": n, "top_k": self.mm.top_k, "seed": None, "calibration_task": None,
-                    "search_seconds": 0.0, "forward_passes": 0}
-        else:
-            keep = plan.experts_kept(n)
-            keys = {"method": plan.extra.get("method", "custom"), "keep": keep, "top_k": plan.top_k or self.mm.top_k,
-                    "seed": plan.extra.get("seed"), "calibration_task": (plan.extra.get("calibration") or {}).get("task"),
-                    "search_seconds": plan.extra.get("wall_time_s"), "forward_passes": plan.extra.get("forward_passes")}
-        keys["ratio"] = 1 - keys["keep"] / n
-        self._history[(result.plan_digest, result.task, result.split, result.n_examples)] = result_row(result, **keys)
-
-
-def headline_metric(task: str) -> str:
-    return HEADLINE_METRIC[get_task_spec(task).metric]
-
-
-def tradeoff_points(tables: Sequence[pd.DataFrame], task: str, metric: str, split: str | None = None,
-                    examples: int | None = None) -> pd.DataFrame:
-    """One line per method and top-k for a trade-off chart: fraction of experts removed vs ``metric`` on
-    ``task``, from sweep tables (``moescope sweep`` or :meth:`Workbench.sweep_table`), counting only rows on
-    ``split`` with ``examples`` examples when given so that lines compare like with like. A line starts at the
-    unpruned model when its top-k is the model's."""
-    column = f"metric_{metric}"
-    frames = [t for t in tables if not t.empty]
-    empty = pd.DataFrame(columns=["method", "top_k", "removed", "keep", "value"])
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    if table.empty or column not in table or "eval_task" not in table:
-        return empty
-    rows = table[table["eval_task"] == task].dropna(subset=[column])
-    if split is not None:
-        rows = rows[rows["split"] == split]
-    if examples is not None:
-        rows = rows[rows["examples"] == examples]
-    full = rows[rows["method"] == "full"]
-    if full.empty:  # both table writers evaluate the unpruned model first; without it there is no axis
-        return empty
-    n, model_top_k = int(full["keep"].max()), int(full["top_k"].iloc[0])
-    points = rows[rows["method"] != "full"].groupby(["method", "top_k", "keep"], as_index=False)[column].mean()
-    lines = points[["method", "top_k"]].drop_duplicates()
-    starts = lines[lines["top_k"] == model_top_k].assign(keep=n, **{column: full[column].mean()})
-    points = pd.concat([starts, points]).drop_duplicates(["method", "top_k", "keep"], keep="last")
-    points["removed"] = 1 - points["keep"] / n
-    return points.rename(columns={column: "value"}).sort_values(["method", "top_k", "removed"]).reset_index(drop=True)
+        row = plan_row(result, plan, self.mm.n_experts, self.mm.top_k)
+        self._history[(result.plan_digest, result.task, result.split, result.n_examples)] = row

@@ -17,7 +17,6 @@ from typing import Any, Iterator
 
 import streamlit as st
 
-from core import aggregate
 from core.errors import user_message
 from core.io import remove_stale_temporaries, temporary_name
 from core.model import MoEModel, load_model
@@ -214,10 +213,12 @@ def open_profile(path: str) -> Profile:
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
-def _aggregate(name: str, path: str, mtime: float, *args: Any) -> Any:
-    return getattr(aggregate, name)(Profile(path), *args)
+def _aggregate(name: str, _function: Callable[..., Any], path: str, mtime: float, *args: Any) -> Any:
+    return _function(Profile(path), *args)  # cached by ``name``: Streamlit does not hash functions
 
 
-def aggregated(profile: Profile, name: str, *args: Any) -> Any:
-    """``core.aggregate.<name>(profile, *args)``, cached by the profile file (path and modification time)."""
-    return _aggregate(name, str(profile.path), profile.path.stat().st_mtime, *args)
+def aggregated(profile: Profile, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(profile, *args)`` (a ``core.aggregate`` function), cached by the function and the profile
+    file (path and modification time)."""
+    name = f"{function.__module__}.{function.__qualname__}"
+    return _aggregate(name, function, str(profile.path), profile.path.stat().st_mtime, *args)

@@ -5,6 +5,7 @@ import streamlit as st
 
 from core.export import directory_bytes, export_pruned
 from core.plan import Plan, validate_plan
+from core.results import experts_kept
 from dashboard import state
 
 st.title("Export")
@@ -39,7 +40,7 @@ st.download_button("Download plan JSON", plan.to_json(), file_name=f"plan-{metho
 
 st.divider()
 st.subheader("Write the pruned checkpoint")
-default = state.home() / "exports" / f"{method}-keep{min(kept.values(), default=mm.n_experts)}-{plan.digest()[:8]}"
+default = state.home() / "exports" / f"{method}-keep{experts_kept(plan, mm.n_experts)}-{plan.digest()[:8]}"
 out = st.text_input("Output directory (a new directory; the source model is never touched)", value=str(default))
 overwrite = st.checkbox("Replace an earlier export at this path",
                         help="Only a directory MoEScope exported (it holds moescope-plan.json and nothing else) is "

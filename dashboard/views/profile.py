@@ -5,6 +5,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from core import aggregate
 from core.errors import MoEScopeError
 from core.profile import Profile, sidecar_path
 from dashboard import state
@@ -79,5 +80,4 @@ if profile is not None:
                        mime="application/octet-stream")
     d2.download_button("Download sidecar (.json)", sidecar_path(profile.path).read_bytes(),
                        file_name=sidecar_path(profile.path).name, mime="application/json")
-    st.dataframe(state.aggregated(profile, "profile_examples").groupby("task", as_index=False)
-                 .agg(examples=("example", "count"), tokens=("tokens", "sum")), hide_index=True)
+    st.dataframe(state.aggregated(profile, aggregate.examples_per_task), hide_index=True)

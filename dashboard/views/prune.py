@@ -3,16 +3,13 @@ the full model's as soon as a control moves. Searches (EEP, NAEE) run on request
 
 import streamlit as st
 
-from core.methods import METHODS
-from core.sweep import load_table
-from core.workbench import SEARCH_METHODS, PlanRequest, headline_metric, tradeoff_points
+from core import aggregate
+from core.methods import catalog, quick_methods
+from core.results import dropped_experts, experts_kept, headline_metric, load_table, removed_fraction, tradeoff_points
+from core.workbench import PlanRequest
 from dashboard import charts, state
 
-LABELS = {"frequency": "Frequency", "soft_activation": "Soft activation (gate-weight mass)",
-          "reap": "REAP saliency", "random": "Random", "top_k": "Top-k reduction (keep all experts)",
-          "naee": "NAEE (reconstruction search)", "dynamic_skip": "NAEE + dynamic skipping",
-          "eep": "EEP (evolutionary search)"}
-FAST_METHODS = ["frequency", "soft_activation", "reap", "random"]
+METHODS = catalog()  # name -> what the method says about itself (label, kind, parameters)
 LIMITS = [25, 50, 100, 200, 0]
 
 st.title("Prune")
@@ -27,14 +24,15 @@ tasks = state.task_choices()
 def search_settings(method: str) -> tuple[tuple, int | None]:
     """(method parameters, calibration examples) for the methods that have settings; defaults suit the
     sample model."""
-    if method == "random":
-        return (("seed", st.number_input("seed", 0, 10_000, 0, key="random_seed")),), None
-    if method not in SEARCH_METHODS:
+    info = METHODS[method]
+    if not info.is_search:
+        if "seed" in info.parameters:  # random
+            return (("seed", st.number_input("seed", 0, 10_000, 0, key="random_seed")),), None
         return (), None
     with st.expander("Search settings"):
         c = st.columns(4)
         limit = c[0].number_input("calibration examples", 1, 10_000, 64, key="search_limit")
-        if method != "eep":
+        if "population" not in info.parameters:  # only the evolutionary search has these settings
             return (), int(limit)
         return (("population", c[1].number_input("population", 2, 64, 6, key="eep_population")),
                 ("offspring", c[1].number_input("offspring", 2, 64, 6, key="eep_offspring")),
@@ -50,7 +48,7 @@ def search_progress(request: PlanRequest) -> None:
     job = bench.job(request)
     if job is None or not job.running:
         st.rerun()
-    st.progress(job.fraction, text=f"{LABELS[request.method]}: {job.message}")
+    st.progress(job.fraction, text=f"{METHODS[request.method].label}: {job.message}")
     st.button("Stop", key="stop_search", on_click=job.stop.set,
               help="EEP stops after the candidate it is scoring and keeps its best plan so far; run it again to "
                    "resume from its saved population. NAEE and dynamic skipping cannot be interrupted: they run "
@@ -70,9 +68,9 @@ def searched_plan(request: PlanRequest):
             return job.plan
         st.warning("Stopped: these are the scores of the best plan found so far. Run again to resume the search.")
     else:
-        st.info(f"{LABELS[request.method]} searches with forward passes on the "
+        st.info(f"{METHODS[request.method].label} searches with forward passes on the "
                 f"{state.task_label(request.calibration_task)} calibration split; it can take a while on large models.")
-    if st.button(f"Run {LABELS[request.method]}", type="primary", key="run_search"):
+    if st.button(f"Run {METHODS[request.method].label}", type="primary", key="run_search"):
         bench.search(request)
         st.rerun(scope="fragment")
     return job.plan if job is not None else None
@@ -81,13 +79,14 @@ def searched_plan(request: PlanRequest):
 @st.fragment
 def bench_panel() -> None:
     c1, c2, c3 = st.columns([3, 3, 2])
-    method = c1.selectbox("Method", list(METHODS), index=list(METHODS).index("frequency"), format_func=LABELS.get,
-                          key="prune_method", persist_state="session")
+    method = c1.selectbox("Method", list(METHODS), index=list(METHODS).index("frequency"),
+                          format_func=lambda m: METHODS[m].label, key="prune_method", persist_state="session")
+    top_k_only = METHODS[method].keeps_all_experts  # top-k reduction keeps every expert and routes to fewer
     keeps = bench.feasible_keeps()
     keep = c2.select_slider("Experts kept per layer", options=keeps, value=min(keeps, key=lambda e: abs(e - n / 2)),
-                            format_func=lambda e: f"{e} of {n} ({1 - e / n:.0%} removed)", key="prune_keep",
-                            disabled=method == "top_k", persist_state="session")
-    if method == "top_k":  # top-k reduction keeps every expert and routes to fewer
+                            format_func=lambda e: f"{e} of {n} ({removed_fraction(e, n):.0%} removed)",
+                            key="prune_keep", disabled=top_k_only, persist_state="session")
+    if top_k_only:
         top_k = c3.selectbox("Top-k", list(range(1, k)) or [k], index=max(0, k - 2), key="prune_top_k_reduced",
                              persist_state="session")
     else:
@@ -105,13 +104,13 @@ def bench_panel() -> None:
                                                         "next-token log-probs at every position of each example; "
                                                         "off keeps updates quickest.")
     params, calibration_limit = search_settings(method)
-    request = PlanRequest(method, calibration, keep=None if method == "top_k" else keep,
-                          ratio=0.0 if method == "top_k" else None, top_k=top_k,
+    request = PlanRequest(method, calibration, keep=None if top_k_only else keep,
+                          ratio=0.0 if top_k_only else None, top_k=top_k,
                           calibration_limit=calibration_limit, params=params)
 
     plan = None
     with state.shown_errors("Making the plan"):
-        if method in SEARCH_METHODS and not bench.has_plan(request):
+        if METHODS[method].is_search and not bench.has_plan(request):
             plan = searched_plan(request)
         else:
             with st.spinner("Calibrating (once per method and task)…"):
@@ -129,17 +128,16 @@ def bench_panel() -> None:
 
 
 def show_result(plan, result) -> None:
-    table = result.table
-    heads = table[table["headline"]]
+    heads = result.headlines()
     cols = st.columns(max(1, len(heads)) + 3)
     for col, row in zip(cols, heads.itertuples()):
         col.metric(f"{row.task} · {row.metric}", f"{row.pruned:.2f}", f"{row.delta:+.2f} vs full {row.full:.2f}",
                    delta_color="inverse" if row.better == "lower" else "normal")
     cost = result.cost
     rest = cols[len(heads):]
-    rest[0].metric("Parameters", f"{cost['total_params'] / 1e6:.2f} M",
-                   f"{cost['total_params'] / cost['total_params_full'] - 1:+.0%}", delta_color="inverse")
-    active = cost["active_params"] / cost["active_params_full"] - 1
+    rest[0].metric("Parameters", f"{cost['total_params'] / 1e6:.2f} M", f"{result.change('total_params'):+.0%}",
+                   delta_color="inverse")
+    active = result.change("active_params")
     rest[1].metric("Active per token", f"{cost['active_params'] / 1e6:.2f} M", f"{active:+.0%}" if active else None,
                    delta_color="inverse")
     rest[2].metric("Weights", f"{cost['weight_bytes'] / 2**20:.1f} MiB")
@@ -149,18 +147,15 @@ def show_result(plan, result) -> None:
                f"{plan.digest()[:12]} made in {plan.extra.get('wall_time_s', 0):.2f} s with "
                f"{plan.extra.get('forward_passes', 0)} calibration sequences.")
     with st.expander("All metrics" + (" and agreement with the full model" if not result.agreement.empty else "")):
-        st.dataframe(table.drop(columns=["headline"]), hide_index=True)
+        st.dataframe(result.table.drop(columns=["headline"]), hide_index=True)
         if not result.agreement.empty:
             st.dataframe(result.agreement, hide_index=True)
     profile = state.active_profile(mm)
     if profile is not None and plan.layers:
-        usage = state.aggregated(profile, "expert_usage")
         task = (plan.extra.get("calibration") or {}).get("task")
-        if task in set(usage["task"]):
-            usage, over = usage[usage["task"] == task], f"share of {task}'s routing in the profile"
-        else:
-            usage, over = usage.groupby(["layer", "expert"], as_index=False)["share"].mean(), "mean share in the profile"
-        dropped = [(layer, e) for layer, kept in plan.layers.items() for e in range(n) if e not in kept]
+        usage, own = aggregate.usage_for_plan(state.aggregated(profile, aggregate.expert_usage), task)
+        over = f"share of {task}'s routing in the profile" if own else "mean share in the profile"
+        dropped = dropped_experts(plan, n)
         st.plotly_chart(charts.expert_grid(usage, "share", f"Kept and dropped experts (× = dropped) over the {over}",
                                            "share", dropped=dropped), width="content", config={"displayModeBar": False})
 
@@ -168,12 +163,12 @@ def show_result(plan, result) -> None:
 def show_tradeoff(plan, result, task: str, calibration: str, top_k: int | None) -> None:
     st.subheader("Trade-off")
     name = state.task_label(task)
-    examples = int(result.table.loc[result.table["task"] == name, "examples"].iloc[0])
+    examples = result.examples(name)
     c1, c2 = st.columns([3, 2])
     if c2.button("Sweep the fast methods over every keep", key="sweep"):
         bar = c2.progress(0.0)
         with state.shown_errors("Sweep"):
-            bench.sweep(FAST_METHODS, bench.feasible_keeps(top_k), calibration, [task], top_k=top_k, limit=examples,
+            bench.sweep(quick_methods(), bench.feasible_keeps(top_k), calibration, [task], top_k=top_k, limit=examples,
                         progress=lambda what, done, total: bar.progress(done / total, text=what))
     upload = c2.file_uploader("Add a table from `moescope sweep` (CSV or Parquet)", type=["csv", "parquet"])
     if upload is not None and upload.file_id != st.session_state.get("sweep_upload"):
@@ -188,8 +183,7 @@ def show_tradeoff(plan, result, task: str, calibration: str, top_k: int | None) 
                              split="test", examples=examples)
     c2.caption(f"Lines: {name} {metric} on the same {examples} test examples, every method and setting evaluated "
                f"so far (by any session on this model) plus added tables.")
-    row = result.table[(result.table["task"] == name) & (result.table["metric"] == metric)].iloc[0]
-    current = (1 - plan.experts_kept(n) / n, row["pruned"])
+    current = (removed_fraction(experts_kept(plan, n), n), result.pruned(name, metric))
     c1.plotly_chart(charts.tradeoff(points, metric, name, current), config={"displayModeBar": False})
 
 

@@ -5,11 +5,12 @@ import html
 
 import streamlit as st
 
+from core import aggregate
 from dashboard import charts, state
 
 st.title("Tokens by routed expert")
 mm, profile = state.model_and_profile()
-examples = state.aggregated(profile, "profile_examples")
+examples = state.aggregated(profile, aggregate.profile_examples)
 layers = profile.meta.layers
 n_experts = profile.meta.n_experts
 c1, c2, c3 = st.columns([2, 2, 3])
@@ -19,7 +20,7 @@ ids = examples[examples["task"] == task]["example"].tolist()
 example = c2.selectbox("Example", ids, key="tok_example", format_func=lambda i: f"#{i}")
 layer = c3.select_slider("Layer", layers, value=layers[-1], key="tok_layer", persist_state="session")
 
-routes = state.aggregated(profile, "token_routes", task, int(example), layer)
+routes = state.aggregated(profile, aggregate.token_routes, task, int(example), layer)
 prompt = routes[routes["step"] == 0]
 texts = mm.token_texts(prompt["token_id"].tolist())
 spans = []
@@ -38,11 +39,12 @@ st.html(f"<div style='font-size:13px'>{legend}</div>")
 st.caption("Colour = first-choice expert at this layer. Hover a token for its top-k experts and gate weights.")
 
 st.subheader("Do consecutive tokens share an expert?")
-rate = state.aggregated(profile, "consecutive_same_expert", task, layer)
+rate = state.aggregated(profile, aggregate.consecutive_same_expert, task, layer)
 chance = 1 / n_experts
 m1, m2 = st.columns(2)
 m1.metric(f"Same first-choice expert as the previous token (layer {layer}, {task})", f"{rate:.1%}",
           f"{rate - chance:+.1%} vs chance", delta_color="off")
 m2.metric("Chance level (1 / experts)", f"{chance:.1%}")
-st.dataframe([{"layer": lay, "same expert as previous token": f"{state.aggregated(profile, 'consecutive_same_expert', task, lay):.1%}"}
+st.dataframe([{"layer": lay, "same expert as previous token":
+               f"{state.aggregated(profile, aggregate.consecutive_same_expert, task, lay):.1%}"}
               for lay in layers], hide_index=True)

@@ -5,11 +5,12 @@ import html
 
 import streamlit as st
 
+from core import aggregate
 from dashboard import charts, state
 
 st.title("Expert utilization")
 mm, profile = state.model_and_profile()
-usage = state.aggregated(profile, "expert_usage")
+usage = state.aggregated(profile, aggregate.expert_usage)
 tasks = sorted(usage["task"].unique())
 layers = profile.meta.layers
 VALUES = {"share": ("Share of top-k slots", ".1%"), "weight_share": ("Share of gate weight", ".1%"),
@@ -35,15 +36,11 @@ value = c3.radio("Value", list(VALUES), format_func=lambda v: VALUES[v][0], hori
 
 focus = (st.session_state["focus_layer"], st.session_state["focus_expert"])
 if view == "One task":
-    cells = usage[usage["task"] == task]
     label, fmt = VALUES[value]
-    fig = charts.expert_grid(cells.assign(v=cells[value]), "v", f"{label} · {task}", label, selected=focus,
+    fig = charts.expert_grid(aggregate.task_usage(usage, task, value), "v", f"{label} · {task}", label, selected=focus,
                              value_format=fmt)
 else:
-    a = usage[usage["task"] == task].set_index(["layer", "expert"])
-    b = usage[usage["task"] == other].set_index(["layer", "expert"])
-    column = "share" if value == "count" else value  # raw counts of different-sized tasks do not compare
-    cells = (a[column] - b[column]).rename("v").reset_index()
+    cells, column = aggregate.usage_difference(usage, task, other, value)  # counts compare as shares
     fig = charts.expert_grid(cells, "v", f"{VALUES[column][0]}: {task} minus {other}", "difference",
                              diverging=True, selected=focus, value_format="+.1%")
 st.plotly_chart(fig, key="usage_grid", on_select=select_cell, selection_mode="points", width="content",
@@ -52,9 +49,9 @@ st.caption("Click a square to inspect that expert below."
            + (" Dead experts (no tokens) show as the darkest squares." if view == "One task" else ""))
 
 if view != "One task":
-    jsd = state.aggregated(profile, "task_divergence")
-    pair = jsd[((jsd.task_a == task) & (jsd.task_b == other)) | ((jsd.task_a == other) & (jsd.task_b == task))]
-    st.dataframe(pair[["layer", "jsd_bits"]].rename(columns={"jsd_bits": "Jensen–Shannon divergence (bits)"}),
+    jsd = state.aggregated(profile, aggregate.task_divergence)
+    pair = aggregate.divergence_between(jsd, task, other)
+    st.dataframe(pair.rename(columns={"jsd_bits": "Jensen–Shannon divergence (bits)"}),
                  hide_index=True)
 
 st.subheader("Selected expert")
@@ -63,7 +60,7 @@ layer = s1.selectbox("Layer", layers, key="focus_layer", persist_state="session"
 expert = s2.selectbox("Expert", list(range(profile.meta.n_experts)), key="focus_expert", persist_state="session")
 scope = s3.radio("Tokens from", ["this task", "all tasks"], horizontal=True, key="focus_scope", persist_state="session")
 scope_task = task if scope == "this task" else None
-top = state.aggregated(profile, "expert_tokens", layer, expert, scope_task)
+top = state.aggregated(profile, aggregate.expert_tokens, layer, expert, scope_task)
 if top.empty:
     st.info(f"No token was routed to expert {expert} at layer {layer} here: a candidate for pruning.")
 else:
@@ -74,7 +71,7 @@ else:
                  column_config={"fraction_of_token": st.column_config.ProgressColumn(
                      "share of that token's occurrences", format="percent", min_value=0.0, max_value=1.0)})
     t2.markdown("**Where it is the first choice** (token in bold)")
-    for snip in state.aggregated(profile, "expert_snippets", layer, expert, scope_task):
+    for snip in state.aggregated(profile, aggregate.expert_snippets, layer, expert, scope_task):
         before, token, after = ("".join(mm.token_texts(ids)) for ids in (snip["before"], [snip["token"]], snip["after"]))
         t2.html(f"<div style='font-family:monospace;margin:4px 0;white-space:pre-wrap'>"
                 f"<span style='color:#888'>{html.escape(snip['task'])} #{snip['example']}:</span> "
@@ -82,7 +79,7 @@ else:
                 f"{html.escape(after)}…</div>")
 
 st.subheader("Per layer")
-stats = state.aggregated(profile, "layer_stats")
+stats = state.aggregated(profile, aggregate.layer_stats)
 l1, l2 = st.columns(2)
 l1.plotly_chart(charts.layer_lines(stats, "entropy_norm", "Routing entropy (1 = uniform)", "entropy / log2 E"),
                 config={"displayModeBar": False})
@@ -91,5 +88,5 @@ l2.plotly_chart(charts.layer_lines(stats, "imbalance", "Load imbalance (max / me
 
 st.subheader("Co-activation")
 co_layer = st.selectbox("Layer", layers, key="co_layer", persist_state="session")
-st.plotly_chart(charts.coactivation_matrix(state.aggregated(profile, "coactivation", co_layer, task), co_layer),
+st.plotly_chart(charts.coactivation_matrix(state.aggregated(profile, aggregate.coactivation, co_layer, task), co_layer),
                 width="content", config={"displayModeBar": False})
