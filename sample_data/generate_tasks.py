@@ -62,15 +62,6 @@ def _pet(rng: random.Random) -> str:
     return rng.choice(_PET_A) + rng.choice(_PET_B)
 
 
-def _distinct(rng: random.Random, make, n: int) -> list:
-    out: list = []
-    while len(out) < n:
-        v = make(rng)
-        if v not in out:
-            out.append(v)
-    return out
-
-
 # fact kind -> (sentence templates, question templates); {p} person, {a} answer, {x} extra slot.
 FACTS: dict[str, tuple[list[str], list[str]]] = {
     "birthplace": (["{p} was born in {a}.", "{p} was born in the town of {a}."],
