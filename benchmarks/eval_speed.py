@@ -11,7 +11,7 @@ other plans that keep 4 of 8 experts; the median is reported.
 This machine's speed drifts (a shared 2-core VM measured up to 2x apart within an hour), so the run reports
 a speed index, the milliseconds of one fixed fp32 matrix product, before and after the run and before each
 task; and ``--baseline``
-times the evaluation harness of another revision (its ``core/evaluation.py``) interleaved with this one,
+times the evaluation harness of another revision (its ``core/evaluation``) interleaved with this one,
 plan by plan, so that their ratio does not depend on the drift.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -51,15 +52,38 @@ def speed_index() -> float:
 
 
 def harness_at(revision: str) -> ModuleType:
-    """``core/evaluation.py`` as it was at ``revision``, imported beside today's (it shares the rest of core)."""
-    source = subprocess.run(["git", "show", f"{revision}:core/evaluation.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "evaluation.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("core._baseline_evaluation", path)
+    """The evaluation harness as it was at ``revision``, imported beside today's as ``core._baseline_evaluation``
+    (it shares the rest of core): the package ``core/evaluation/``, or the older single ``core/evaluation.py``
+    with any sibling module it imports that this tree no longer has (``core/kv_cache.py``)."""
+    def show(path: str) -> str:
+        return subprocess.run(["git", "show", f"{revision}:{path}"], cwd=ROOT, check=True, capture_output=True,
+                              text=True).stdout
+
+    files = subprocess.run(["git", "ls-tree", "-r", "--name-only", revision, "core/"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    folder = Path(tempfile.mkdtemp())
+    if "core/evaluation.py" in files:
+        source = show("core/evaluation.py")
+        for name in sorted(set(re.findall(r"^from \.(\w+) import", source, re.MULTILINE))):
+            if f"core/{name}.py" in files and not (ROOT / "core" / f"{name}.py").exists():
+                _load(f"core.{name}", folder / f"{name}.py", show(f"core/{name}.py"), "core")
+        return _load("core._baseline_evaluation", folder / "evaluation.py", source, "core")
+    package = folder / "evaluation"
+    package.mkdir()
+    for file in files:
+        if file.startswith("core/evaluation/") and file.endswith(".py"):
+            (package / Path(file).name).write_text(show(file))
+    return _load("core._baseline_evaluation", package / "__init__.py", None, "core._baseline_evaluation",
+                 [str(package)])
+
+
+def _load(name: str, path: Path, source: str | None, package: str, search: list[str] | None = None) -> ModuleType:
+    if source is not None:
+        path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=search)
     module = importlib.util.module_from_spec(spec)
-    module.__package__ = "core"
-    sys.modules[spec.name] = module  # dataclasses look their module up while it runs
+    module.__package__ = package
+    sys.modules[name] = module  # dataclasses look their module up while it runs
     spec.loader.exec_module(module)
     return module
 

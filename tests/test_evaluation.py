@@ -120,7 +120,7 @@ def test_generation_stops_at_the_generation_configs_end_of_sequence(path, tmp_pa
 
 def test_agreement_with_masked_vocabulary_entries_is_finite():
     """-inf log-probs (a vocabulary entry a model masks) give a finite KL, not NaN: 0 * -inf is avoided."""
-    from core.evaluation import _Agreement, _Reference
+    from core.evaluation.agreement import Agreement as _Agreement, Reference as _Reference
 
     logits = torch.tensor([[2.0, 1.0, float("-inf")], [0.5, float("-inf"), 0.1]])
     full = _Reference.of(torch.log_softmax(logits, -1))
@@ -136,7 +136,7 @@ def test_agreement_with_masked_vocabulary_entries_is_finite():
 def test_agreement_tally_matches_per_position_definition():
     """Top-1 agreement and mean KL(full || pruned), summed over several texts, equal their per-position
     definitions computed directly (the tally keeps only sums, so a wrong sum or sign shows here)."""
-    from core.evaluation import _Agreement, _Reference
+    from core.evaluation.agreement import Agreement as _Agreement, Reference as _Reference
 
     gen = torch.Generator().manual_seed(0)
     tally, agree, kl, n = _Agreement(), 0.0, 0.0, 0
@@ -206,7 +206,7 @@ def test_plan_cost_by_hand(mm):
 
 @pytest.mark.parametrize("kind", ["lm", "mc", "gen"])
 def test_agreement_is_the_same_with_or_without_the_cached_reference(mm, tmp_path, monkeypatch, kind):
-    import core.evaluation as evaluation
+    import core.evaluation.reference as evaluation
 
     if kind == "lm":
         spec = task_spec(tmp_path, "lm", [{"text": t} for t in PROMPTS], metric="lm_loss", text_field="text")

@@ -4,7 +4,7 @@ copying the cache for every new position."""
 import torch
 from transformers.cache_utils import DynamicCache
 
-from core.kv_cache import GrowingCache, GrowingLayer
+from core.evaluation.kv_cache import GrowingCache, GrowingLayer
 
 
 def _states(gen: torch.Generator, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:

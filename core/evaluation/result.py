@@ -1,0 +1,45 @@
+"""What an evaluation gives back: a task's scores, and the size of the model a plan would leave."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..model import MoEModel
+from ..plan import Plan
+
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class EvalResult:
+    """A task's scores for one model (and plan) on one split."""
+
+    task: str
+    split: str
+    metric_kind: str
+    n_examples: int
+    metrics: dict[str, float]
+    agreement: dict[str, float] = field(default_factory=dict)
+    cost: dict[str, float] = field(default_factory=dict)
+    plan_digest: str | None = None
+    seconds: float = 0.0
+    predictions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_cost(mm: MoEModel, plan: Plan | None) -> dict[str, float]:
+    """Total and active parameters and weight bytes of the model a plan would leave."""
+    info = mm.info()
+    n, top_k = mm.n_experts, mm.top_k if plan is None or plan.top_k is None else plan.top_k
+    per_expert = {layer.index: sum(p.numel() for p in layer.experts.parameters()) / n for layer in mm.layers}
+    bytes_per_param = info.weight_bytes / info.total_params
+    kept = {i: len(plan.keep(i, n)) if plan else n for i in per_expert}
+    removed = sum((n - kept[i]) * per_expert[i] for i in per_expert)
+    total = info.total_params - removed
+    active = info.total_params - info.expert_params + sum(min(top_k, kept[i]) * per_expert[i] for i in per_expert)
+    return {"total_params": total, "active_params": active, "weight_bytes": total * bytes_per_param,
+            "total_params_full": info.total_params, "active_params_full": info.active_params}
