@@ -8,6 +8,7 @@ place only when complete.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -96,10 +97,10 @@ def export_pruned(mm: MoEModel, plan: Plan, out_dir: str | Path, overwrite: bool
         pruned.save_pretrained(tmp)
         if mm.tokenizer is not None:
             mm.tokenizer.save_pretrained(tmp)
-        extra = dict(plan.extra)
-        if plan.model and plan.model != mm.source:
-            extra["planned_on"] = plan.model  # the plan was made on another model; record where it was applied
-        exported = Plan(layers=plan.layers, top_k=plan.top_k, model=mm.source, extra=extra)
+        provenance = plan.provenance
+        if plan.model and plan.model != mm.source:  # the plan was made on another model; record where it was applied
+            provenance = dataclasses.replace(provenance, planned_on=plan.model)
+        exported = dataclasses.replace(plan, model=mm.source, provenance=provenance)
         exported.save(tmp / PLAN_FILENAME)
     say(f"wrote {out_dir}")
     return out_dir
