@@ -227,3 +227,19 @@ def usage_for_plan(usage: pd.DataFrame, task: str | None) -> tuple[pd.DataFrame,
     if task in set(usage["task"]):
         return usage[usage["task"] == task], True
     return usage.groupby(["layer", "expert"], as_index=False)["share"].mean(), False
+
+
+def task_example_ids(examples: pd.DataFrame, task: str) -> list[int]:
+    """The example indices of ``task`` in :func:`profile_examples`."""
+    return examples[examples["task"] == task]["example"].tolist()
+
+
+def prompt_routes(profile: Profile, task: str, example: int, layer: int) -> pd.DataFrame:
+    """:func:`token_routes` of the prompt only (decode steps left out)."""
+    routes = token_routes(profile, task, example, layer)
+    return routes[routes["step"] == 0]
+
+
+def chance_same_expert(n_experts: int) -> float:
+    """How often consecutive tokens would share their first-choice expert if routing were uniform."""
+    return 1 / n_experts

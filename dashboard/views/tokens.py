@@ -16,12 +16,11 @@ n_experts = profile.meta.n_experts
 c1, c2, c3 = st.columns([2, 2, 3])
 names = sorted(examples["task"].unique())
 task = c1.selectbox("Task", names, index=names.index("code") if "code" in names else 0, key="tok_task", persist_state="session")
-ids = examples[examples["task"] == task]["example"].tolist()
-example = c2.selectbox("Example", ids, key="tok_example", format_func=lambda i: f"#{i}")
+example = c2.selectbox("Example", aggregate.task_example_ids(examples, task), key="tok_example",
+                       format_func=lambda i: f"#{i}")
 layer = c3.select_slider("Layer", layers, value=layers[-1], key="tok_layer", persist_state="session")
 
-routes = state.aggregated(profile, aggregate.token_routes, task, int(example), layer)
-prompt = routes[routes["step"] == 0]
+prompt = state.aggregated(profile, aggregate.prompt_routes, task, int(example), layer)
 texts = mm.token_texts(prompt["token_id"].tolist())
 spans = []
 for text, experts, weights in zip(texts, prompt["experts"], prompt["weights"]):
@@ -40,7 +39,7 @@ st.caption("Colour = first-choice expert at this layer. Hover a token for its to
 
 st.subheader("Do consecutive tokens share an expert?")
 rate = state.aggregated(profile, aggregate.consecutive_same_expert, task, layer)
-chance = 1 / n_experts
+chance = aggregate.chance_same_expert(n_experts)
 m1, m2 = st.columns(2)
 m1.metric(f"Same first-choice expert as the previous token (layer {layer}, {task})", f"{rate:.1%}",
           f"{rate - chance:+.1%} vs chance", delta_color="off")
