@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_models import build, sync
-from core.profile import ProfileMeta, ProfileWriter
+
+from core.profile_writer import ProfileWriter
 from core.recorder import RouterRecorder
+from core.routing_profile import ProfileMeta
 
 
 def main() -> None:

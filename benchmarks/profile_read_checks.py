@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from core import aggregate
-from core.profile import Profile, ProfileMeta, ProfileWriter, TokenBatch
+from core.profile_writer import ProfileWriter, TokenBatch
+from core.routing_profile import Profile, ProfileMeta
 
 
 def big_profile(path: Path, batches: int = 50, tokens: int = 5000) -> Path:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from core.profile import ProfileMeta, ProfileWriter, TokenBatch
+from core.profile_writer import ProfileWriter, TokenBatch
+from core.routing_profile import ProfileMeta
 
 
 def main() -> None:

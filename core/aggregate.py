@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.compute as pc
 
 from .errors import MoEScopeError
-from .profile import Profile, list_matrix
+from .routing_profile import Profile, list_matrix
 
 
 def _usage_arrays(profile: Profile, first_only: bool = False) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray, int]]:

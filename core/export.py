@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from .adapters import set_field
+from .atomic import atomic_directory
 from .errors import MoEScopeError
-from .io import atomic_directory
-from .outputs import EXPORT_MARKER, check_output, output_lock
 from .masking import mapped_router_state, merged_expert_tensor, slice_router_state
 from .model import MoEModel
+from .outputs import EXPORT_MARKER, check_output, output_lock
 from .plan import Plan, validate_plan
 
 PLAN_FILENAME = EXPORT_MARKER  # its presence marks a directory as an export MoEScope may replace

@@ -107,7 +107,7 @@ def _is_moescope_output(target: Path, kind: str) -> str | None:
         data = _reads_json(target)
         return None if isinstance(data, dict) and data.get("format") == PLAN_FORMAT else "it is not a MoEScope plan"
     if kind == "table":
-        from .sweep import load_table
+        from .results import load_table
 
         try:
             load_table(target)

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+from .atomic import atomic_write_text
 from .errors import MoEScopeError
-from .io import atomic_write_text
 from .plan_fields import (
     HEADER_FIELDS,
     MAX_NESTING,

@@ -14,14 +14,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import note
 from .errors import MoEScopeError
 from .masking import masked
 from .model import MoEModel
-from .plan import Plan
-from .io import note
 from .outputs import check_output, output_lock
-from .profile import Profile, ProfileMeta, ProfileWriter, tool_version, write_merged
+from .plan import Plan
+from .profile_merge import write_merged
+from .profile_writer import ProfileWriter
 from .recorder import RouterRecorder
+from .routing_profile import Profile, ProfileMeta, tool_version
 
 ProgressFn = Callable[[int, int, float], None]  # (tokens done, tokens total, tokens per second)
 

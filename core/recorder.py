@@ -18,7 +18,7 @@ import torch
 
 from .adapters import MoELayer
 from .model import MoEModel
-from .profile import ProfileWriter, TokenBatch
+from .profile_writer import ProfileWriter, TokenBatch
 
 
 class RoutingSink(Protocol):

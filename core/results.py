@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pandas as pd
 
+from .atomic import atomic_file
 from .errors import MoEScopeError
-from .io import atomic_file
 from .tasks import get_task_spec
 
 if TYPE_CHECKING:

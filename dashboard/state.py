@@ -17,11 +17,11 @@ from typing import Any, Iterator
 
 import streamlit as st
 
+from core.atomic import remove_stale_temporaries, temporary_name
 from core.errors import user_message
-from core.io import remove_stale_temporaries, temporary_name
 from core.model import MoEModel, load_model
-from core.profile import Profile
 from core.profiling import profile_texts
+from core.routing_profile import Profile
 from core.tasks import get_task_spec, list_sample_tasks, task_texts
 from core.workbench import Workbench
 
@@ -75,7 +75,7 @@ def show_error(what: str, exc: BaseException, uploads: dict[str, str] | None = N
 # ----- uploads ---------------------------------------------------------------------------------------
 def new_upload_folder() -> Path:
     """A fresh folder for an uploaded file under ``home()/uploads``. Its name carries this server's PID
-    (``core.io.temporary_name``), so uploads of a dashboard that has stopped are removed here, by the next one."""
+    (``core.atomic.temporary_name``), so uploads of a dashboard that has stopped are removed here, by the next one."""
     root = home() / "uploads"
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(root)

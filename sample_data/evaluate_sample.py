@@ -29,11 +29,11 @@ from typing import Any  # noqa: E402
 import generate_tasks  # noqa: E402 - this folder's script, importable because this file runs as a script
 
 from core import aggregate, metrics  # noqa: E402
+from core.atomic import atomic_write_text  # noqa: E402
 from core.evaluation import Evaluator  # noqa: E402
-from core.io import atomic_write_text  # noqa: E402
 from core.model import MoEModel, load_model  # noqa: E402
-from core.profile import Profile  # noqa: E402
 from core.profiling import profile_texts  # noqa: E402
+from core.routing_profile import Profile  # noqa: E402
 from core.tasks import TaskSpec, get_task_spec, load_task, render_example, task_texts  # noqa: E402
 
 TASKS = ("qa", "arithmetic", "qa_choice", "code", "prose")  # in the model card's order

@@ -14,8 +14,8 @@ import json
 import time
 from pathlib import Path
 
+from core.atomic import atomic_write_text
 from core.evaluation import Evaluator
-from core.io import atomic_write_text
 from core.model import load_model
 from core.tasks import list_sample_tasks
 

@@ -35,7 +35,7 @@ from typing import Any  # noqa: E402
 import evaluate_sample  # noqa: E402 - this folder's scripts, importable because this file runs as a script
 import generate_tasks  # noqa: E402
 
-from core.io import atomic_directory  # noqa: E402
+from core.atomic import atomic_directory  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "model"
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from core.aggregate import expert_usage
 from core.cli import main
-from core.profile import Profile
+from core.routing_profile import Profile
 
 from .tiny_models import write_lm_task
 

@@ -171,7 +171,7 @@ def damaged_profiles(shard, folder):
 def test_damaged_profiles_are_refused_by_merge_and_by_the_aggregations(shard, tmp_path, capsys):
     from core import aggregate
     from core.errors import MoEScopeError
-    from core.profile import Profile
+    from core.routing_profile import Profile
 
     for case, path in damaged_profiles(shard, tmp_path / "bad").items():
         out = tmp_path / "merged" / f"{path.stem}.parquet"
@@ -229,12 +229,12 @@ def test_a_plan_made_on_another_model_warns_and_the_export_records_the_real_sour
 
 
 def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(model_dir, capsys, monkeypatch):
-    import core.cli
+    import core.commands
 
     def broken(args):
         raise RuntimeError("something no one expected\nsecond line")
 
-    monkeypatch.setattr(core.cli, "_load", broken)
+    monkeypatch.setattr(core.commands, "_load", broken)
     capsys.readouterr()
     assert main(["info", str(model_dir)]) == 1
     err = capsys.readouterr().err

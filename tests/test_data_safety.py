@@ -25,7 +25,7 @@ import pytest
 
 from core.cli import main
 from core.errors import MoEScopeError
-from core.profile import Profile
+from core.routing_profile import Profile
 
 from .tiny_models import save_tiny
 
@@ -287,7 +287,7 @@ KILLED_EXPORT = textwrap.dedent("""
 KILLED_PROFILE = textwrap.dedent("""
     import os, signal, sys
     from core.cli import main
-    from core.profile import ProfileWriter
+    from core.profile_writer import ProfileWriter
 
     def dies(self, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -329,7 +329,7 @@ def test_a_full_disk_leaves_nothing_and_says_so_in_one_line(model_dir, plan_file
     assert list(out_dir.iterdir()) == []
     monkeypatch.undo()
 
-    monkeypatch.setattr("core.profile.atomic_write_text", full_disk)  # the sidecar fails after the rows
+    monkeypatch.setattr("core.profile_writer.atomic_write_text", full_disk)  # the sidecar fails after the rows
     assert main(["profile", str(model_dir), "--task", str(prose), "--out", str(out_dir / "p.parquet")]) == 2
     assert list(out_dir.iterdir()) == []
     monkeypatch.undo()

@@ -13,8 +13,9 @@ from core.export import export_pruned
 from core.masking import masked
 from core.model import MoEModel
 from core.plan import Plan
-from core.profile import Profile, ProfileMeta, ProfileWriter, list_matrix
+from core.profile_writer import ProfileWriter
 from core.recorder import RouterRecorder
+from core.routing_profile import Profile, ProfileMeta, list_matrix
 
 from .tiny_models import FAMILIES, LAYOUTS, ids
 
@@ -171,8 +172,9 @@ def test_top_k_change_takes_effect_and_survives_export(model_type, tmp_path, tin
 
 
 def test_every_family_is_covered():
-    from core.adapters import adapter_for_config
     from transformers import AutoConfig
+
+    from core.adapters import adapter_for_config
 
     covered = {adapter_for_config(AutoConfig.for_model(mt)).family for mt in FAMILIES}
     assert covered == set(supported_families())

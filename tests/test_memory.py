@@ -16,7 +16,8 @@ SCRIPT = r"""
 import json, sys, torch
 from tests.tiny_models import build  # run with the repository as its folder (cwd), which python -c imports from
 from core.model import MoEModel
-from core.profile import ProfileMeta, ProfileWriter, Profile
+from core.routing_profile import ProfileMeta, Profile
+from core.profile_writer import ProfileWriter
 from core.recorder import RouterRecorder
 
 def rss_mb():

@@ -10,10 +10,19 @@ import numpy as np
 import pytest
 
 from core.aggregate import expert_usage
-from core.methods import METHODS, SCORE, SEARCH, Target, catalog, describe, make_method, quick_methods
+from core.methods import (
+    METHODS,
+    SCORE,
+    SEARCH,
+    Target,
+    catalog,
+    describe,
+    make_method,
+    quick_methods,
+)
 from core.methods.usage import routing_usage
-from core.profile import Profile
 from core.profiling import profile_texts
+from core.routing_profile import Profile
 
 from .test_methods import TEXTS, lm_task, with_dead_experts
 

@@ -18,8 +18,8 @@ from core.methods.naee import NAEE, DynamicSkipping, collect_block_inputs, sampl
 from core.methods.reap import REAP, encode_calibration
 from core.model import MoEModel
 from core.plan import Plan, validate_plan
-from core.profile import Profile, list_matrix
 from core.profiling import profile_texts
+from core.routing_profile import Profile, list_matrix
 
 from .test_methods import DEAD, TEXTS, lm_task, with_dead_experts
 from .tiny_models import char_tokenizer

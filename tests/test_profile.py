@@ -10,7 +10,9 @@ import pytest
 
 from core import aggregate
 from core.errors import MoEScopeError
-from core.profile import Profile, ProfileMeta, ProfileWriter, TokenBatch, merge_profiles
+from core.profile_merge import merge_profiles
+from core.profile_writer import ProfileWriter, TokenBatch
+from core.routing_profile import Profile, ProfileMeta
 
 
 def meta(**kw) -> ProfileMeta:

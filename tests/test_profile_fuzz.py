@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 
 from core import aggregate
 from core.errors import MoEScopeError
-from core.profile import Profile, ProfileMeta, ProfileWriter, TokenBatch, merge_profiles
+from core.profile_merge import merge_profiles
+from core.profile_writer import ProfileWriter, TokenBatch
+from core.routing_profile import Profile, ProfileMeta
 
 N_EXPERTS, TOP_K, LAYERS = 8, 2, [0, 1]
 FUZZ = settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", 100)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -13,8 +13,8 @@ import pytest
 
 from core.cli import main
 from core.model import load_model
-from core.profile import Profile
 from core.profiling import Sharding, parts_dir, profile_texts, read_task_texts
+from core.routing_profile import Profile
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # torchrun and Slurm-style runs start several Python processes

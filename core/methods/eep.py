@@ -26,12 +26,21 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_write_text
 from ..errors import MoEScopeError
 from ..evaluation import Evaluator
-from ..io import atomic_write_text
 from ..model import MoEModel
 from ..plan import Plan
-from .base import RUNTIME, SEARCH, Calibration, Described, ProgressFn, Target, finish_plan, top_experts
+from .base import (
+    RUNTIME,
+    SEARCH,
+    Calibration,
+    Described,
+    ProgressFn,
+    Target,
+    finish_plan,
+    top_experts,
+)
 from .usage import Frequency
 
 Genome = tuple  # nested tuples: phase 1 one kept set per group; phase 2 (router rows, expert rows) per group

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from ..masking import masked
 from ..model import MoEModel
 from ..plan import Plan
-from ..profile import TokenBatch
+from ..profile_writer import TokenBatch
 from ..recorder import RouterRecorder
 from .base import (
     Calibration,

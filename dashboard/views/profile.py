@@ -7,7 +7,7 @@ import streamlit as st
 
 from core import aggregate
 from core.errors import MoEScopeError
-from core.profile import Profile, sidecar_path
+from core.routing_profile import Profile, sidecar_path
 from dashboard import state
 
 st.title("Routing profile")
