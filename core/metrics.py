@@ -93,30 +93,6 @@ def choose_option(option_logprobs: Sequence[float], option_lengths: Sequence[int
     return max(range(len(scores)), key=lambda i: scores[i])
 
 
-def token_nll(logits, labels, mask=None):
-    """Per-token negative log-likelihood (nats) of ``labels`` under next-token ``logits``.
-
-    logits [B, T, V] predict position t+1 from t; labels [B, T]; mask [B, T] marks the label
-    positions to score (default all). Returns (sum of NLL, number of tokens) as Python numbers.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                          reduction="none").view_as(shift_labels)
-    m = torch.ones_like(shift_labels, dtype=torch.bool) if mask is None else mask[:, 1:].bool()
-    return float(nll[m].sum()), int(m.sum())
-
-
-def mean_nll(total_nll: float, n_tokens: int) -> float:
-    """Mean token NLL in nats."""
-    if n_tokens <= 0:
-        raise ValueError("mean_nll needs at least one token")
-    return total_nll / n_tokens
-
-
 def perplexity(mean_token_nll: float) -> float:
     """exp(mean NLL in nats)."""
     return math.exp(mean_token_nll)

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from core import metrics
 
@@ -73,18 +72,5 @@ def test_accuracy_and_choose_option():
         metrics.accuracy([1], [1, 2])
 
 
-def test_token_nll_and_perplexity():
-    V = 4
-    # uniform logits -> every token costs log(4) nats
-    logits = torch.zeros(1, 3, V)
-    labels = torch.tensor([[0, 1, 2]])
-    tot, n = metrics.token_nll(logits, labels)
-    assert n == 2 and tot == pytest.approx(2 * math.log(4))
-    # a confident correct prediction at position 0 -> near-zero cost for label 1; mask out the last
-    logits[0, 0, 1] = 50.0
-    mask = torch.tensor([[1, 1, 0]])
-    tot, n = metrics.token_nll(logits, labels, mask)
-    assert n == 1 and tot == pytest.approx(0.0, abs=1e-6)
-    assert metrics.perplexity(metrics.mean_nll(2 * math.log(4), 2)) == pytest.approx(4.0)
-    with pytest.raises(ValueError):
-        metrics.mean_nll(1.0, 0)
+def test_perplexity_is_exp_of_the_mean_nll():
+    assert metrics.perplexity(math.log(4)) == pytest.approx(4.0)  # uniform over 4 tokens
