@@ -91,6 +91,7 @@ def search(fitness: Callable[[Genome], float], first_generation: Callable[[np.ra
     tournament-chosen parents and keeps the best ``population`` of parents and children."""
     rng = np.random.default_rng(seed)
     state = state or SearchState()
+    state.cancelled = False  # a property of one run, not of the saved search (older state files recorded it)
     if state.rng:
         rng.bit_generator.state = state.rng
     say = progress or (lambda *_: None)
@@ -116,25 +117,39 @@ def search(fitness: Callable[[Genome], float], first_generation: Callable[[np.ra
         contenders = rng.choice(len(pop), min(tournament, len(pop)), replace=False)
         return max((pop[i] for i in contenders), key=lambda p: p[1])[0]
 
+    def best_of(candidates: list[tuple[Genome, float]]) -> list[tuple[Genome, float]]:
+        merged = {g: f for g, f in candidates}
+        return sorted(merged.items(), key=lambda p: (-p[1], _key(p[0])))[:population]
+
+    def cancel(candidates: list[tuple[Genome, float]]) -> SearchState:
+        """Stopped inside a generation: save the last whole generation (population, RNG, curve) with every
+        fitness found since, so a resumed run replays this generation from its start, scoring the candidates
+        already seen from the cache, and ends exactly as an uninterrupted run would. The returned state holds
+        the best so far, this partial generation included."""
+        if on_generation:
+            on_generation(state)
+        state.cancelled = True
+        if candidates:
+            state.population = best_of(candidates)
+            state.curve = [*state.curve, max(f for _, f in candidates)]  # the partial generation's best
+        return state
+
     pop: list[tuple[Genome, float]] = [(_tuples(g), f) for g, f in state.population]
     if not pop:
         for genome in first_generation(rng):
             if stop():
-                state.cancelled = True
-                break
+                return cancel(pop)
             pop.append((genome, evaluate(genome)))
         if pop:
             record(pop)
-    while pop and state.generation < generations and not state.cancelled:
+    while pop and state.generation < generations:
         children = []
         for _ in range(offspring):
             if stop():
-                state.cancelled = True
-                break
+                return cancel(pop + children)
             child = breed(pick(pop), pick(pop), rng)
             children.append((child, evaluate(child)))
-        merged = {g: f for g, f in pop + children}
-        pop = sorted(merged.items(), key=lambda p: (-p[1], _key(p[0])))[:population]
+        pop = best_of(pop + children)
         state.generation += 1
         record(pop)
     return state
