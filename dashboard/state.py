@@ -61,15 +61,26 @@ def code(text: object) -> str:
     return "`" + str(text).replace("`", "'") + "`"
 
 
-def show_error(what: str, exc: BaseException, uploads: dict[str, str] | None = None) -> None:
-    """The CLI's one sentence for ``exc`` (``core.errors.user_message``), as plain text, naming the user's
-    uploaded file instead of the temporary copy (``uploads``: temporary path -> the user's file name)."""
+def error_text(what: str, exc: BaseException, uploads: dict[str, str] | None = None,
+               controls: dict[str, str] | None = None) -> str:
+    """The CLI's one sentence for ``exc`` (``core.errors.user_message``) in the page's words: the user's
+    uploaded file instead of the temporary copy (``uploads``: temporary path -> the user's file name), and
+    the page's control instead of a command-line flag (``controls``: flag -> the control's label)."""
     message = user_message(exc)
     if message is None:
         message = f"unexpected {type(exc).__name__}: {exc}"
     for temporary, name in (uploads or {}).items():
         message = message.replace(temporary, name)
-    st.error(plain(f"{what}: {message}"))
+    for flag, control in (controls or {}).items():
+        message = re.sub(rf"pass {re.escape(flag)}\b", f'tick "{control}"', message)
+        message = re.sub(rf"{re.escape(flag)}\b", f'"{control}"', message)
+    return f"{what}: {message}"
+
+
+def show_error(what: str, exc: BaseException, uploads: dict[str, str] | None = None,
+               controls: dict[str, str] | None = None) -> None:
+    """:func:`error_text` shown expanded, as plain text (never Markdown)."""
+    st.error(plain(error_text(what, exc, uploads, controls)))
 
 
 # ----- uploads ---------------------------------------------------------------------------------------

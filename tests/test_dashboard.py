@@ -187,7 +187,15 @@ def test_prune_page_updates_when_the_ratio_moves_and_reports_failures(app, tmp_p
     until(app, lambda: any(w.value.startswith("Stopped") for w in app.warning))
     stopped = app.session_state["plan"]
     assert stopped.extra["cancelled"] and stopped.extra["generations_done"] < 100
-    assert any(b.label.startswith("Run EEP") for b in app.button)  # and it can be resumed
+    assert any(b.label.startswith("Run EEP") for b in app.button)  # and it can be resumed:
+    app.button(key="run_search").click().run()  # the search continues (before, it returned the same plan at once)
+    until(app, lambda: app.get("progress") and app.button(key="stop_search"), timeout=60)
+    time.sleep(2)
+    app.button(key="stop_search").click().run()
+    until(app, lambda: any(w.value.startswith("Stopped") for w in app.warning)
+          and app.session_state["plan"] is not stopped)
+    resumed = app.session_state["plan"]
+    assert resumed.extra["evaluations"] > stopped.extra["evaluations"]
 
     broken = write_lm_task(tmp_path / "broken", ["x"], splits=("calibration",))  # no test split
     app.session_state["extra_tasks"] = [str(broken)]
@@ -209,4 +217,11 @@ def test_export_page_writes_the_checkpoint_and_refuses_an_existing_directory(app
     assert AutoModelForCausalLM.from_pretrained(out).config.num_local_experts == 4
     app.button[0].click().run()
     assert not app.exception
-    assert any("exists" in e.value for e in app.error)
+    errors = [e.value.replace("\\", "") for e in app.error]
+    assert any("exists" in e and 'tick "Replace an earlier export at this path"' in e for e in errors), errors
+    assert not any("--overwrite" in e for e in errors)  # the page's checkbox, not the CLI's flag
+    boxes = [b for b in app.main if type(b).__name__ in ("Status", "Expander")]
+    assert not any(b.error for b in boxes)  # the message is shown expanded, not in the collapsed status box
+    app.checkbox(key="export_overwrite").check().run()
+    app.button[0].click().run()
+    assert any(f"Wrote {out}" in s.value for s in app.success)

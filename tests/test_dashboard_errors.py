@@ -36,3 +36,16 @@ def test_every_error_family_gets_the_clis_sentence(monkeypatch):
     text = shown(monkeypatch, UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"))
     assert "not UTF-8" in text.replace("\\", "")
     assert "unexpected KeyError" in shown(monkeypatch, KeyError("x")).replace("\\", "")
+
+
+def test_a_cli_flag_becomes_the_pages_control(monkeypatch):
+    seen: list[str] = []
+    monkeypatch.setattr(state.st, "error", seen.append)
+    exc = MoEScopeError("/tmp/out already exists; choose another directory or pass --overwrite.")
+    state.show_error("Export failed", exc, controls={"--overwrite": "Replace an earlier export at this path"})
+    text = seen[0].replace("\\", "")
+    assert "--overwrite" not in text
+    assert 'tick "Replace an earlier export at this path"' in text
+    exc = MoEScopeError("/x is the source model; --overwrite never replaces it, so choose a new directory.")
+    text = state.error_text("Export failed", exc, controls={"--overwrite": "Replace"})
+    assert '"Replace" never replaces it' in text

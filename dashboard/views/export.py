@@ -42,19 +42,22 @@ st.divider()
 st.subheader("Write the pruned checkpoint")
 default = state.home() / "exports" / f"{method}-keep{experts_kept(plan, mm.n_experts)}-{plan.digest()[:8]}"
 out = st.text_input("Output directory (a new directory; the source model is never touched)", value=str(default))
-overwrite = st.checkbox("Replace an earlier export at this path",
+REPLACE = "Replace an earlier export at this path"
+overwrite = st.checkbox(REPLACE, key="export_overwrite",
                         help="Only a directory MoEScope exported (it holds moescope-plan.json and nothing else) is "
                              "replaced; any other folder is refused.")
 if st.button("Export checkpoint"):
-    path = None
+    path, failure = None, None
     with st.status("Exporting…", expanded=True) as status:
         try:
             path = export_pruned(mm, plan, out, overwrite=overwrite, progress=st.write)
         except Exception as exc:  # noqa: BLE001 - a full disk or a refused path: one sentence, nothing written
-            status.update(label="Export failed", state="error")
-            state.show_error("Export failed", exc)
+            status.update(label="Export failed", state="error", expanded=False)
+            failure = exc
         else:
             status.update(label="Exported", state="complete", expanded=False)
+    if failure is not None:  # outside the status box, so it is shown expanded
+        state.show_error("Export failed", failure, controls={"--overwrite": REPLACE})
     if path is not None:
         st.success(f"Wrote {path} ({directory_bytes(path) / 2**20:.1f} MiB).")
         st.code(f'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("{path}")',
