@@ -214,6 +214,15 @@ def usage_difference(usage: pd.DataFrame, task: str, other: str, value: str) -> 
     return (a[column] - b[column]).rename("v").reset_index(), column
 
 
+def usage_difference_points(usage: pd.DataFrame, task: str, other: str, value: str) -> pd.DataFrame:
+    """:func:`usage_difference` of ``share`` or ``weight_share`` in percentage points (column ``v``: +4.0 means
+    ``task`` gives that expert 4 % more of its routing than ``other``)."""
+    if value not in ("share", "weight_share"):
+        raise ValueError(f"a difference compares shares, not {value}")
+    cells, _ = usage_difference(usage, task, other, value)
+    return cells.assign(v=cells["v"] * 100.0)
+
+
 def divergence_between(divergence: pd.DataFrame, task: str, other: str) -> pd.DataFrame:
     """The rows of :func:`task_divergence` for one pair of tasks (either order): layer and jsd_bits."""
     d = divergence

@@ -57,6 +57,19 @@ def removed_fraction(keep: Any, n_experts: int) -> Any:
     return 1 - keep / n_experts
 
 
+def plan_name(plan: Plan, n_experts: int, model_top_k: int) -> str:
+    """A plan in words a stakeholder reads: method, experts kept and top-k, and whether a search stopped
+    early ("frequency: 4 of 8 experts kept per layer, top-2"); the digest belongs in the details."""
+    method = str(plan.extra.get("method", "custom")).replace("_", " ")
+    kept = experts_kept(plan, n_experts)
+    words = f"{method}: {kept} of {n_experts} experts kept per layer, top-{plan.top_k or model_top_k}"
+    if plan.merge_matrices:
+        words += ", merged experts"
+    if plan.extra.get("cancelled"):
+        words += f", search stopped after {plan.extra.get('evaluations', 0)} evaluations"
+    return words
+
+
 def dropped_experts(plan: Plan, n_experts: int) -> list[tuple[int, int]]:
     """(layer, expert) for every expert the plan removes."""
     return [(layer, e) for layer, kept in plan.layers.items() for e in range(n_experts) if e not in kept]
@@ -75,6 +88,8 @@ def row_keys(plan: Plan | None, n_experts: int, model_top_k: int, **overrides: A
                 "keep": keep, "top_k": plan.top_k or model_top_k, "seed": plan.extra.get("seed"),
                 "calibration_task": (plan.extra.get("calibration") or {}).get("task"),
                 "search_seconds": plan.extra.get("wall_time_s"), "forward_passes": plan.extra.get("forward_passes")}
+    keys["stopped"] = bool(plan is not None and plan.extra.get("cancelled"))  # a search stopped before its end
+    keys["evaluations"] = None if plan is None else plan.extra.get("evaluations")  # a search's candidates scored
     keys.update(overrides)
     return keys
 
@@ -200,3 +215,35 @@ def tradeoff_points(tables: Sequence[pd.DataFrame], task: str, metric: str, spli
     points = pd.concat([starts, points]).drop_duplicates(["method", "top_k", "keep"], keep="last")
     points["removed"] = removed_fraction(points["keep"], n)
     return points.rename(columns={column: "value"}).sort_values(["method", "top_k", "removed"]).reset_index(drop=True)
+
+
+def measured_tradeoff(tables: Sequence[pd.DataFrame], task: str, metric: str, split: str | None = None,
+                      examples: int | None = None) -> tuple[float | None, pd.DataFrame]:
+    """The points a trade-off chart may draw, each a setting actually evaluated: the unpruned model's
+    ``metric`` on ``task`` (``None`` when the tables lack it), and one row per method, top-k, experts kept and
+    whether the search was stopped early (columns method, top_k, keep, removed, value, stopped, evaluations:
+    the most candidates a stopped search scored), from rows on ``split`` with ``examples`` examples when
+    given. Unlike :func:`tradeoff_points`, no line is made to start at the unpruned model."""
+    column = f"metric_{metric}"
+    columns = ["method", "top_k", "keep", "removed", "value", "stopped", "evaluations"]
+    frames = [t for t in tables if not t.empty]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if table.empty or column not in table or "eval_task" not in table:
+        return None, pd.DataFrame(columns=columns)
+    rows = table[table["eval_task"] == task].dropna(subset=[column])
+    if split is not None and "split" in rows:
+        rows = rows[rows["split"] == split]
+    if examples is not None and "examples" in rows:
+        rows = rows[rows["examples"] == examples]
+    full = rows[rows["method"] == "full"]
+    if full.empty:  # both table writers evaluate the unpruned model first; without it there is no axis
+        return None, pd.DataFrame(columns=columns)
+    n = int(full["keep"].max())
+    rows = rows[rows["method"] != "full"].copy()
+    rows["stopped"] = rows["stopped"].fillna(False).astype(bool) if "stopped" in rows else False
+    rows["evaluations"] = pd.to_numeric(rows["evaluations"], errors="coerce") if "evaluations" in rows else float("nan")
+    points = rows.groupby(["method", "top_k", "keep", "stopped"], as_index=False).agg(
+        value=(column, "mean"), evaluations=("evaluations", "max"))
+    points["removed"] = removed_fraction(points["keep"], n)
+    points = points.sort_values(["method", "top_k", "stopped", "removed"]).reset_index(drop=True)
+    return float(full[column].mean()), points[columns]

@@ -11,15 +11,51 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import qualitative
 
 FONT = {"family": "Inter, system-ui, sans-serif", "size": 13}
 
 
+# Okabe & Ito's colour-blind-safe qualitative palette.
+OKABE_ITO = {"orange": "#E69F00", "sky blue": "#56B4E9", "bluish green": "#009E73", "yellow": "#F0E442",
+             "blue": "#0072B2", "vermillion": "#D55E00", "reddish purple": "#CC79A7", "black": "#000000"}
+# Each method's fixed colour and marker, the same on every chart whichever methods are present. The methods a
+# sweep compares (random, frequency, soft activation, REAP) get the four most distinct hues.
+METHOD_STYLE = {
+    "full": ("#000000", "diamond"),
+    "random": ("#8C8C8C", "circle"),
+    "frequency": (OKABE_ITO["blue"], "square"),
+    "soft_activation": (OKABE_ITO["orange"], "triangle-up"),
+    "reap": (OKABE_ITO["bluish green"], "diamond-wide"),
+    "eep": (OKABE_ITO["vermillion"], "hexagon"),
+    "naee": (OKABE_ITO["reddish purple"], "pentagon"),
+    "dynamic_skip": (OKABE_ITO["sky blue"], "triangle-down"),
+    "top_k": ("#B8A800", "cross"),  # Okabe-Ito yellow, darkened to show on white
+}
+# Paul Tol's muted palette: further fixed colours for methods from added tables.
+_EXTRA = ["#332288", "#88CCEE", "#44AA99", "#117733", "#999933", "#DDCC77", "#CC6677", "#882255", "#AA4499"]
+
+
+def method_colour(method: str) -> str:
+    """The fixed colour of ``method``; an unknown name gets a colour from its characters (stable across runs)."""
+    if method in METHOD_STYLE:
+        return METHOD_STYLE[method][0]
+    return _EXTRA[sum(map(ord, method)) % len(_EXTRA)]
+
+
+def method_symbol(method: str) -> str:
+    return METHOD_STYLE.get(method, ("", "circle"))[1]
+
+
+# Expert colours: Okabe-Ito without black, then colours from Paul Tol's palettes picked greedily to be as far as
+# possible (RGB distance > 60) from every colour before them, so no two of the first 16 experts look alike and
+# none is near-black; beyond 16 experts the ids cycle.
+EXPERT_PALETTE = [c for name, c in OKABE_ITO.items() if name != "black"] + [
+    "#663333", "#332288", "#999933", "#AA3377", "#7F7F7F", "#44AA99", "#117733", "#BBBBBB", "#17BECF"]
+
+
 def expert_colour(expert: int) -> str:
-    """A stable colour per expert id (Plotly's Dark24, then Alphabet, cycling)."""
-    palette = qualitative.Dark24 + qualitative.Alphabet
-    return palette[expert % len(palette)]
+    """A stable colour per expert id."""
+    return EXPERT_PALETTE[expert % len(EXPERT_PALETTE)]
 
 
 def _grid_size(n_experts: int, n_layers: int) -> tuple[int, int, int]:
@@ -30,10 +66,11 @@ def _grid_size(n_experts: int, n_layers: int) -> tuple[int, int, int]:
 
 def expert_grid(df: pd.DataFrame, value: str, title: str, colorbar: str, diverging: bool = False,
                 dropped: Sequence[tuple[int, int]] = (), selected: tuple[int, int] | None = None,
-                value_format: str = ".1%") -> go.Figure:
+                value_format: str = ".1%", row_notes: dict[int, str] | None = None) -> go.Figure:
     """Layer × expert squares coloured by ``df[value]`` (columns layer, expert, value, hover extras).
 
-    ``dropped`` (layer, expert) cells are crossed out; ``selected`` gets a dark outline.
+    ``dropped`` (layer, expert) cells are crossed out; ``selected`` gets a dark outline; ``row_notes`` (layer
+    -> text) are written beside each layer's row label.
     """
     layers = sorted(df["layer"].unique())
     n_experts = int(df["expert"].max()) + 1
@@ -62,12 +99,15 @@ def expert_grid(df: pd.DataFrame, value: str, title: str, colorbar: str, divergi
         fig.add_trace(go.Scatter(x=[selected[1]], y=[row[selected[0]]], mode="markers", name="selected",
                                  hoverinfo="skip", marker={"symbol": "square-open", "size": cell + 2,
                                                            "line": {"width": 3, "color": "#111"}}))
-    fig.update_layout(title={"text": title, "x": 0}, width=width, height=height, font=FONT, showlegend=False,
-                      margin={"l": 70, "r": 20, "t": 50, "b": 50}, plot_bgcolor="white", clickmode="event+select",
-                      dragmode=False)
+    notes = row_notes or {}
+    left = 70 + (9 * max((len(n) for n in notes.values()), default=0) if notes else 0)
+    fig.update_layout(title={"text": title, "x": 0}, width=width + left - 70, height=height, font=FONT,
+                      showlegend=False, margin={"l": left, "r": 20, "t": 50, "b": 50}, plot_bgcolor="white",
+                      clickmode="event+select", dragmode=False)
     fig.update_xaxes(title="expert", tickmode="linear", dtick=max(1, n_experts // 16), range=[-0.5, n_experts - 0.5],
                      showgrid=False, zeroline=False, fixedrange=True)
-    fig.update_yaxes(title="MoE layer", tickmode="array", tickvals=list(range(len(layers))), ticktext=layers,
+    ticks = [f"{layer} · {notes[layer]}" if layer in notes else str(layer) for layer in layers]
+    fig.update_yaxes(title="MoE layer", tickmode="array", tickvals=list(range(len(layers))), ticktext=ticks,
                      range=[len(layers) - 0.5, -0.5], showgrid=False, zeroline=False, fixedrange=True)
     return fig
 
@@ -100,18 +140,54 @@ def coactivation_matrix(matrix: np.ndarray, layer: int) -> go.Figure:
     return fig
 
 
-def tradeoff(points: pd.DataFrame, metric: str, task: str, current: tuple[float, float] | None = None) -> go.Figure:
-    """Fraction of experts removed vs a task metric, one line per method (and top-k)."""
+def tradeoff(full: float | None, points: pd.DataFrame, metric: str, task: str,
+             current: tuple[float, float] | None = None, height: int = 380) -> go.Figure:
+    """Fraction of experts removed vs a task metric: measured points only. A method's finished settings are
+    joined by a line only where there are two or more of them; a search stopped early is a hollow marker
+    labelled with how many candidates it scored; the unpruned model is its own black diamond. Each method
+    keeps its colour and marker (:func:`method_colour`) whatever else is shown."""
     fig = go.Figure()
-    for (method, top_k), rows in points.groupby(["method", "top_k"]):
-        fig.add_trace(go.Scatter(x=rows["removed"], y=rows["value"], mode="lines+markers",
-                                 name=f"{method} (top-{top_k})", customdata=rows["keep"],
-                                 hovertemplate="%{customdata} experts kept: %{y:.3g}<extra>%{fullData.name}</extra>"))
+    if full is not None:
+        fig.add_trace(go.Scatter(x=[0.0], y=[full], mode="markers", name="full model",
+                                 marker={"symbol": "diamond", "size": 12, "color": METHOD_STYLE["full"][0]},
+                                 hovertemplate="full model: %{y:.3g}<extra></extra>"))
+    for (method, top_k), rows in points.groupby(["method", "top_k"], sort=True):
+        colour, symbol = method_colour(str(method)), method_symbol(str(method))
+        name = f"{method} (top-{top_k})"
+        done = rows[~rows["stopped"].astype(bool)]
+        if not done.empty:
+            fig.add_trace(go.Scatter(
+                x=done["removed"], y=done["value"], mode="lines+markers" if len(done) > 1 else "markers",
+                name=name, legendgroup=name, customdata=done["keep"], line={"color": colour, "width": 2},
+                marker={"color": colour, "symbol": symbol, "size": 10},
+                hovertemplate="%{customdata} experts kept: %{y:.3g}<extra>%{fullData.name}</extra>"))
+        stopped = rows[rows["stopped"].astype(bool)]
+        if not stopped.empty:
+            labels = [f"stopped after {int(e)} evaluations" if e == e else "stopped early"
+                      for e in stopped["evaluations"]]
+            fig.add_trace(go.Scatter(
+                x=stopped["removed"], y=stopped["value"], mode="markers+text", name=f"{name}, stopped",
+                legendgroup=name, text=labels, textposition="top center", textfont={"color": colour, "size": 11},
+                customdata=stopped["keep"],
+                marker={"color": "white", "symbol": f"{symbol}-open", "size": 12, "line": {"color": colour, "width": 2}},
+                hovertemplate="%{customdata} experts kept: %{y:.3g} (%{text})<extra>%{fullData.name}</extra>"))
     if current is not None:
         fig.add_trace(go.Scatter(x=[current[0]], y=[current[1]], mode="markers", name="current plan",
-                                 marker={"symbol": "star", "size": 16, "color": "#d62728"}))
-    fig.update_layout(title={"text": f"Trade-off on {task}", "x": 0}, height=380, font=FONT,
-                      margin={"l": 60, "r": 20, "t": 50, "b": 50}, legend={"orientation": "h", "y": -0.3})
-    fig.update_xaxes(title="experts removed", tickformat=".0%", range=[-0.03, 1])
-    fig.update_yaxes(title=metric)
+                                 marker={"symbol": "star", "size": 16, "color": "rgba(0,0,0,0)",
+                                         "line": {"color": "#000000", "width": 2}}))
+    fig.update_layout(title={"text": f"Trade-off on {task}", "x": 0}, height=height, font=FONT,
+                      margin={"l": 60, "r": 20, "t": 50, "b": 50}, legend={"orientation": "h", "y": -0.3},
+                      plot_bgcolor="white")
+    fig.update_xaxes(title="experts removed", tickformat=".0%", range=[-0.05, 1], showgrid=True, gridcolor="#eee",
+                     zeroline=False)
+    fig.update_yaxes(title=metric, showgrid=True, gridcolor="#eee", zeroline=False)
     return fig
+
+
+# The Plotly mode bar: only the camera, as PNG at twice the size (and SVG on the charts that offer it).
+def download_config(name: str, svg: bool = False) -> dict:
+    return {"displayModeBar": True, "displaylogo": False,
+            "modeBarButtonsToRemove": ["zoom2d", "pan2d", "select2d", "lasso2d", "zoomIn2d", "zoomOut2d",
+                                       "autoScale2d", "resetScale2d", "toggleSpikelines", "hoverClosestCartesian",
+                                       "hoverCompareCartesian"],
+            "toImageButtonOptions": {"format": "svg" if svg else "png", "filename": name, "scale": 2}}

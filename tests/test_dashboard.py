@@ -55,6 +55,13 @@ def until(at: AppTest, condition, timeout: float = 240) -> None:
         assert not at.exception, at.exception
 
 
+def score(at: AppTest, task: str) -> tuple[float, float]:
+    """(pruned, full) headline score of ``task`` in the Prune page's score table."""
+    table = next(d.value for d in at.dataframe if {"pruned", "full", "delta"} <= set(d.value.columns))
+    row = table[table["task"] == task].iloc[0]
+    return float(row["pruned"]), float(row["full"])
+
+
 def metric(at: AppTest, label_start: str) -> str:
     return next(m.value for m in at.metric if m.label.startswith(label_start))
 
@@ -130,6 +137,14 @@ def test_utilization_controls_change_the_views(app):
     app.radio[0].set_value("Difference between two tasks").run()
     assert min(grid()) < 0 < max(grid())  # shares of two tasks differ both ways
     assert "Jensen" in app.dataframe[0].value.columns[1]
+    # token counts do not compare between tasks of different sizes: not offered here, rather than ignored
+    assert not {"count", "Token count"} & set(app.radio(key="util_diff_value").options)
+    spec = json.loads(app.get("plotly_chart")[0].proto.spec)
+    assert "percentage points" in spec["data"][0]["marker"]["colorbar"]["title"]["text"]
+    assert "%" not in spec["data"][0]["marker"]["colorbar"]["tickformat"]
+    assert 1 < max(abs(v) for v in grid()) <= 100  # in points, not fractions shown as "+40.0%"
+    assert all("JSD" in t for t in spec["layout"]["yaxis"]["ticktext"])  # each layer's divergence beside its row
+    assert json.loads(app.get("plotly_chart")[0].proto.config)["displayModeBar"]  # the chart can be saved
 
     def top_tokens() -> list[str]:
         return list(next(d for d in app.dataframe if "token" in d.value.columns).value["token"])
@@ -156,11 +171,22 @@ def test_tokens_page_colours_tokens_and_reports_consecutive_rate(app):
 def test_prune_page_updates_when_the_ratio_moves_and_reports_failures(app, tmp_path):
     goto(app, "prune")
     app.selectbox(key="prune_calibration").set_value("qa").run()
-    app.multiselect(key="prune_tasks").set_value(["qa", "arithmetic"]).run()
+    app.multiselect(key="prune_tasks").set_value(["qa", "arithmetic", "code", "prose"]).run()
     app.select_slider(key="prune_limit").set_value(25).run()
-    at_half = metric(app, "qa · exact_match"), metric(app, "Parameters")
+    # four tasks: one table row each with the task, metric, pruned score, full score and change, nothing cut off
+    table = next(d.value for d in app.dataframe if {"pruned", "full", "delta"} <= set(d.value.columns))
+    assert table["task"].tolist() == ["qa", "arithmetic", "code", "prose"] and table["full"].notna().all()
+    assert {"task", "metric", "pruned", "full", "delta"} <= set(table.columns)
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in app.get("plotly_chart")]
+    assert {f"Trade-off on {t}" for t in ("qa", "arithmetic", "code", "prose")} <= set(titles)  # a chart per task
+    app.radio(key="tradeoff_task").set_value("arithmetic").run()
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in app.get("plotly_chart")]
+    assert "Trade-off on arithmetic" in titles and "Trade-off on qa" not in titles  # or the one chosen
+    app.radio(key="tradeoff_task").set_value("Each task").run()
+    app.multiselect(key="prune_tasks").set_value(["qa", "arithmetic"]).run()
+    at_half = score(app, "qa"), metric(app, "Parameters")
     app.select_slider(key="prune_keep").set_value(2).run()
-    at_quarter = metric(app, "qa · exact_match"), metric(app, "Parameters")
+    at_quarter = score(app, "qa"), metric(app, "Parameters")
     assert at_quarter[1] != at_half[1] and at_quarter != at_half
     assert app.session_state["plan"].layers[0].__len__() == 2
     assert not any("top1_agreement" in d.value.columns for d in app.dataframe)  # off by default: quicker
@@ -187,6 +213,14 @@ def test_prune_page_updates_when_the_ratio_moves_and_reports_failures(app, tmp_p
     until(app, lambda: any(w.value.startswith("Stopped") for w in app.warning))
     stopped = app.session_state["plan"]
     assert stopped.extra["cancelled"] and stopped.extra["generations_done"] < 100
+    tradeoff = next(json.loads(c.proto.spec) for c in app.get("plotly_chart")
+                    if json.loads(c.proto.spec)["layout"]["title"]["text"] == "Trade-off on qa")
+    traces = {t.get("name"): t for t in tradeoff["data"]}
+    hollow = traces["eep (top-2), stopped"]  # the stopped search: a hollow marker, labelled, never a line
+    assert hollow["marker"]["symbol"].endswith("-open") and hollow["mode"] == "markers+text"
+    assert f"stopped after {stopped.extra['evaluations']} evaluations" in hollow["text"]
+    assert "lines" not in traces.get("eep (top-2)", {"mode": ""})["mode"]  # one setting: a point, not a line
+    assert 0.0 not in plotly_values(traces["frequency (top-2)"]["x"])  # lines never start at the full model
     assert any(b.label.startswith("Run EEP") for b in app.button)  # and it can be resumed:
     app.button(key="run_search").click().run()  # the search continues (before, it returned the same plan at once)
     until(app, lambda: app.get("progress") and app.button(key="stop_search"), timeout=60)

@@ -5,7 +5,8 @@ import streamlit as st
 
 from core import aggregate
 from core.methods import catalog, quick_methods
-from core.results import dropped_experts, experts_kept, headline_metric, load_table, removed_fraction, tradeoff_points
+from core.results import (dropped_experts, experts_kept, headline_metric, load_table, measured_tradeoff, plan_name,
+                          removed_fraction)
 from core.workbench import PlanRequest
 from dashboard import charts, state
 
@@ -124,28 +125,35 @@ def bench_panel() -> None:
     with state.shown_errors("Evaluation"), st.spinner("Evaluating…"):
         result = bench.compare(plan, evaluate, "test", limit or None, agreement=agreement)
         show_result(plan, result)
-        show_tradeoff(plan, result, evaluate[0], calibration, top_k)
+        show_tradeoff(plan, result, evaluate, calibration, top_k)
 
 
 def show_result(plan, result) -> None:
     heads = result.headlines()
-    cols = st.columns(max(1, len(heads)) + 3)
-    for col, row in zip(cols, heads.itertuples()):
-        col.metric(f"{row.task} · {row.metric}", f"{row.pruned:.2f}", f"{row.delta:+.2f} vs full {row.full:.2f}",
-                   delta_color="inverse" if row.better == "lower" else "normal")
+    st.markdown(f"**{state.plain(plan_name(plan, n, k))}**")
+    # A table, not metric cards: task, metric and both scores stay readable at any number of tasks.
+    st.dataframe(heads[["task", "metric", "pruned", "full", "delta", "better"]], hide_index=True, key="scores",
+                 column_config={"task": "Task", "metric": "Metric",
+                                "pruned": st.column_config.NumberColumn("Pruned model", format="%.2f"),
+                                "full": st.column_config.NumberColumn("Full model", format="%.2f"),
+                                "delta": st.column_config.NumberColumn("Change", format="%+.2f"),
+                                "better": st.column_config.TextColumn("Better when")})
     cost = result.cost
-    rest = cols[len(heads):]
-    rest[0].metric("Parameters", f"{cost['total_params'] / 1e6:.2f} M", f"{result.change('total_params'):+.0%}",
+    cols = st.columns(3)
+    cols[0].metric("Parameters", f"{cost['total_params'] / 1e6:.2f} M", f"{result.change('total_params'):+.0%}",
                    delta_color="inverse")
     active = result.change("active_params")
-    rest[1].metric("Active per token", f"{cost['active_params'] / 1e6:.2f} M", f"{active:+.0%}" if active else None,
+    cols[1].metric("Active per token", f"{cost['active_params'] / 1e6:.2f} M", f"{active:+.0%}" if active else None,
                    delta_color="inverse")
-    rest[2].metric("Weights", f"{cost['weight_bytes'] / 2**20:.1f} MiB")
-    st.caption(f"Evaluated in {result.seconds:.2f} s · {cost['tokens_per_s']:,.0f} tokens/s masked "
-               f"(full model {cost['tokens_per_s_full']:,.0f}); a masked model runs all experts' weights, so the "
-               f"speed of the exported checkpoint is measured by benchmarks/pruned_speed.py. Plan "
-               f"{plan.digest()[:12]} made in {plan.extra.get('wall_time_s', 0):.2f} s with "
-               f"{plan.extra.get('forward_passes', 0)} calibration sequences.")
+    cols[2].metric("Weights", f"{cost['weight_bytes'] / 2**20:.1f} MiB")
+    st.caption(f"Scored in {result.seconds:.2f} s. Here the removed experts are switched off, not deleted, so "
+               f"scoring is not faster yet; the checkpoint written on the Export page has the size shown above.")
+    with st.expander("Details"):
+        st.markdown(state.plain(
+            f"Plan {plan.digest()[:12]}, made in {plan.extra.get('wall_time_s', 0):.2f} s with "
+            f"{plan.extra.get('forward_passes', 0)} calibration sequences. Scoring speed with experts masked: "
+            f"{cost['tokens_per_s']:,.0f} tokens/s (full model {cost['tokens_per_s_full']:,.0f}); a masked model "
+            f"still runs every expert's weights, and benchmarks/pruned_speed.py measures the exported checkpoint."))
     with st.expander("All metrics" + (" and agreement with the full model" if not result.agreement.empty else "")):
         st.dataframe(result.table.drop(columns=["headline"]), hide_index=True)
         if not result.agreement.empty:
@@ -157,19 +165,27 @@ def show_result(plan, result) -> None:
         over = f"share of {task}'s routing in the profile" if own else "mean share in the profile"
         dropped = dropped_experts(plan, n)
         st.plotly_chart(charts.expert_grid(usage, "share", f"Kept and dropped experts (× = dropped) over the {over}",
-                                           "share", dropped=dropped), width="content", config={"displayModeBar": False})
+                                           "share", dropped=dropped), width="content",
+                        config=charts.download_config("kept-experts"))
 
 
-def show_tradeoff(plan, result, task: str, calibration: str, top_k: int | None) -> None:
+def show_tradeoff(plan, result, evaluate: list[str], calibration: str, top_k: int | None) -> None:
     st.subheader("Trade-off")
-    name = state.task_label(task)
-    examples = result.examples(name)
     c1, c2 = st.columns([3, 2])
-    if c2.button("Sweep the fast methods over every keep", key="sweep"):
+    names = {state.task_label(t): t for t in evaluate}
+    shown = c2.radio("Task", ["Each task", *names], horizontal=True, key="tradeoff_task",
+                     help="One small chart per evaluation task, or one task large.")
+    chosen = list(names) if shown == "Each task" or shown not in names else [shown]
+    if c2.button("Sweep the fast methods over every keep", key="sweep",
+                 help="Plans and scores " + ", ".join(METHODS[m].label for m in quick_methods())
+                      + " at every number of experts kept, on the chosen tasks."):
         bar = c2.progress(0.0)
         with state.shown_errors("Sweep"):
-            bench.sweep(quick_methods(), bench.feasible_keeps(top_k), calibration, [task], top_k=top_k, limit=examples,
-                        progress=lambda what, done, total: bar.progress(done / total, text=what))
+            bench.sweep(quick_methods(), bench.feasible_keeps(top_k), calibration, [names[c] for c in chosen],
+                        top_k=top_k, limit=result.examples(chosen[0]),
+                        progress=lambda what, done, total: bar.progress(done / total, text=f"Sweep: {what} "
+                                                                        f"({done + 1} of {total})"))
+        bar.empty()
     upload = c2.file_uploader("Add a table from `moescope sweep` (CSV or Parquet)", type=["csv", "parquet"])
     if upload is not None and upload.file_id != st.session_state.get("sweep_upload"):
         try:
@@ -178,13 +194,19 @@ def show_tradeoff(plan, result, task: str, calibration: str, top_k: int | None) 
         except Exception as exc:  # noqa: BLE001 - shown as one sentence, the app keeps running
             with c2:
                 state.show_error("Could not add the table", exc)
-    metric = headline_metric(task)
-    points = tradeoff_points([bench.sweep_table(), *st.session_state.get("sweep_tables", [])], name, metric,
-                             split="test", examples=examples)
-    c2.caption(f"Lines: {name} {metric} on the same {examples} test examples, every method and setting evaluated "
-               f"so far (by any session on this model) plus added tables.")
-    current = (removed_fraction(experts_kept(plan, n), n), result.pruned(name, metric))
-    c1.plotly_chart(charts.tradeoff(points, metric, name, current), config={"displayModeBar": False})
+    c2.caption("Points: every setting scored so far on the same test examples (by any session on this model) "
+               "plus added tables. Lines join only settings actually scored; a hollow marker is a search stopped "
+               "early; the star is the current plan.")
+    tables = [bench.sweep_table(), *st.session_state.get("sweep_tables", [])]
+    grid = c1.columns(2) if len(chosen) > 1 else [c1]
+    for i, name in enumerate(chosen):
+        metric = headline_metric(names[name])
+        examples = result.examples(name)
+        full, points = measured_tradeoff(tables, name, metric, split="test", examples=examples)
+        current = (removed_fraction(experts_kept(plan, n), n), result.pruned(name, metric))
+        fig = charts.tradeoff(full, points, metric, name, current, height=380 if len(chosen) == 1 else 320)
+        grid[i % len(grid)].plotly_chart(fig, key=f"tradeoff_{name}",
+                                         config=charts.download_config(f"tradeoff-{name}"))
 
 
 bench_panel()

@@ -32,7 +32,13 @@ view = c1.radio("View", ["One task", "Difference between two tasks"], key="util_
 task = c2.selectbox("Task", tasks, key="util_task", persist_state="session")
 other = c2.selectbox("minus task", [t for t in tasks if t != task] or tasks, key="util_other",
                      disabled=view == "One task")
-value = c3.radio("Value", list(VALUES), format_func=lambda v: VALUES[v][0], horizontal=True, key="util_value", persist_state="session")
+if view == "One task":
+    value = c3.radio("Value", list(VALUES), format_func=lambda v: VALUES[v][0], horizontal=True, key="util_value",
+                     persist_state="session")
+else:  # token counts of tasks of different sizes do not compare: a difference is between shares
+    value = c3.radio("Value", ["share", "weight_share"], format_func=lambda v: VALUES[v][0], horizontal=True,
+                     key="util_diff_value", persist_state="session",
+                     help="Token counts are not offered here: tasks of different sizes compare by shares.")
 
 focus = (st.session_state["focus_layer"], st.session_state["focus_expert"])
 if view == "One task":
@@ -40,19 +46,22 @@ if view == "One task":
     fig = charts.expert_grid(aggregate.task_usage(usage, task, value), "v", f"{label} · {task}", label, selected=focus,
                              value_format=fmt)
 else:
-    cells, column = aggregate.usage_difference(usage, task, other, value)  # counts compare as shares
-    fig = charts.expert_grid(cells, "v", f"{VALUES[column][0]}: {task} minus {other}", "difference",
-                             diverging=True, selected=focus, value_format="+.1%")
+    cells = aggregate.usage_difference_points(usage, task, other, value)
+    jsd = aggregate.divergence_between(state.aggregated(profile, aggregate.task_divergence), task, other)
+    notes = {int(r.layer): f"JSD {r.jsd_bits:.3f} bits" for r in jsd.itertuples()}
+    fig = charts.expert_grid(cells, "v", f"{VALUES[value][0]}: {task} minus {other}",
+                             "difference (percentage points)", diverging=True, selected=focus, value_format="+.1f",
+                             row_notes=notes)
 st.plotly_chart(fig, key="usage_grid", on_select=select_cell, selection_mode="points", width="content",
-                config={"displayModeBar": False})
+                config=charts.download_config("expert-usage"))
 st.caption("Click a square to inspect that expert below."
            + (" Dead experts (no tokens) show as the darkest squares." if view == "One task" else ""))
 
 if view != "One task":
-    jsd = state.aggregated(profile, aggregate.task_divergence)
-    pair = aggregate.divergence_between(jsd, task, other)
-    st.dataframe(pair.rename(columns={"jsd_bits": "Jensen–Shannon divergence (bits)"}),
-                 hide_index=True)
+    st.caption("Beside each layer: the Jensen–Shannon divergence between the two tasks' routing at that layer "
+               "(0 = the same experts in the same proportions, 1 bit = no expert in common).")
+    with st.expander("Divergence per layer as a table"):
+        st.dataframe(jsd.rename(columns={"jsd_bits": "Jensen–Shannon divergence (bits)"}), hide_index=True)
 
 st.subheader("Selected expert")
 s1, s2, s3 = st.columns([1, 1, 2])
@@ -82,11 +91,11 @@ st.subheader("Per layer")
 stats = state.aggregated(profile, aggregate.layer_stats)
 l1, l2 = st.columns(2)
 l1.plotly_chart(charts.layer_lines(stats, "entropy_norm", "Routing entropy (1 = uniform)", "entropy / log2 E"),
-                config={"displayModeBar": False})
+                config=charts.download_config("routing-entropy"))
 l2.plotly_chart(charts.layer_lines(stats, "imbalance", "Load imbalance (max / mean tokens)", "max / mean"),
-                config={"displayModeBar": False})
+                config=charts.download_config("load-imbalance"))
 
 st.subheader("Co-activation")
 co_layer = st.selectbox("Layer", layers, key="co_layer", persist_state="session")
 st.plotly_chart(charts.coactivation_matrix(state.aggregated(profile, aggregate.coactivation, co_layer, task), co_layer),
-                width="content", config={"displayModeBar": False})
+                width="content", config=charts.download_config(f"coactivation-layer-{co_layer}"))
