@@ -55,11 +55,15 @@ def until(at: AppTest, condition, timeout: float = 240) -> None:
         assert not at.exception, at.exception
 
 
+def scores(at: AppTest):
+    """The Prune page's score table: a row per task (index), its metric, both models' scores and the change."""
+    return next(t.value for t in at.table if {"Pruned model", "Full model", "Change"} <= set(t.value.columns))
+
+
 def score(at: AppTest, task: str) -> tuple[float, float]:
     """(pruned, full) headline score of ``task`` in the Prune page's score table."""
-    table = next(d.value for d in at.dataframe if {"pruned", "full", "delta"} <= set(d.value.columns))
-    row = table[table["task"] == task].iloc[0]
-    return float(row["pruned"]), float(row["full"])
+    row = scores(at).loc[task]
+    return float(row["Pruned model"]), float(row["Full model"])
 
 
 def metric(at: AppTest, label_start: str) -> str:
@@ -77,7 +81,9 @@ def test_model_page_summarises_the_sample_model_and_survives_bad_paths(app, tmp_
     assert metric(app, "Experts per layer") == "8"
     assert metric(app, "Top-k") == "2"
     assert metric(app, "MoE layers") == "4"
-    assert {"qa", "arithmetic", "code", "prose", "qa_choice"} <= set(app.dataframe[0].value["task"])
+    tasks = app.table[0].value  # a static table: descriptions wrap instead of being cut off
+    assert {"qa", "arithmetic", "code", "prose", "qa_choice"} <= set(tasks.index)
+    assert tasks["description"].str.len().min() > 0
 
     app.text_input[0].input(str(tmp_path / "nowhere"))  # a form: submitted with its button
     app.button[0].click().run()
@@ -105,6 +111,8 @@ def test_model_page_summarises_the_sample_model_and_survives_bad_paths(app, tmp_
 def test_profile_page_records_loads_and_refuses_foreign_profiles(app, tmp_path, tiny_models):
     goto(app, "profile")
     assert metric(app, "Tasks") == "5"  # the sample tasks' profile (recorded by the session's first visit)
+    assert not any(m.label == "Recorded" for m in app.metric)  # a date cut off in a card: now a sentence
+    assert any(m.value.replace("\\", "").startswith("Recorded 20") for m in app.markdown)
     app.multiselect[0].set_value(["qa"]).run()
     app.number_input[0].set_value(3).run()
     app.button[0].click().run()
@@ -174,9 +182,10 @@ def test_prune_page_updates_when_the_ratio_moves_and_reports_failures(app, tmp_p
     app.multiselect(key="prune_tasks").set_value(["qa", "arithmetic", "code", "prose"]).run()
     app.select_slider(key="prune_limit").set_value(25).run()
     # four tasks: one table row each with the task, metric, pruned score, full score and change, nothing cut off
-    table = next(d.value for d in app.dataframe if {"pruned", "full", "delta"} <= set(d.value.columns))
-    assert table["task"].tolist() == ["qa", "arithmetic", "code", "prose"] and table["full"].notna().all()
-    assert {"task", "metric", "pruned", "full", "delta"} <= set(table.columns)
+    table = scores(app)
+    assert table.index.tolist() == ["qa", "arithmetic", "code", "prose"]
+    assert {"Metric", "Pruned model", "Full model", "Change"} <= set(table.columns)
+    assert all(float(v) == float(v) for v in table["Full model"])  # the full model's score, in full
     titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in app.get("plotly_chart")]
     assert {f"Trade-off on {t}" for t in ("qa", "arithmetic", "code", "prose")} <= set(titles)  # a chart per task
     app.radio(key="tradeoff_task").set_value("arithmetic").run()
@@ -184,6 +193,8 @@ def test_prune_page_updates_when_the_ratio_moves_and_reports_failures(app, tmp_p
     assert "Trade-off on arithmetic" in titles and "Trade-off on qa" not in titles  # or the one chosen
     app.radio(key="tradeoff_task").set_value("Each task").run()
     app.multiselect(key="prune_tasks").set_value(["qa", "arithmetic"]).run()
+    assert not any("benchmarks/" in c.value or ".py" in c.value for c in app.caption)  # no developer wording
+    assert any("frequency: 4 of 8 experts kept per layer" in m.value.replace("\\", "") for m in app.markdown)
     at_half = score(app, "qa"), metric(app, "Parameters")
     app.select_slider(key="prune_keep").set_value(2).run()
     at_quarter = score(app, "qa"), metric(app, "Parameters")
@@ -244,6 +255,7 @@ def test_export_page_writes_the_checkpoint_and_refuses_an_existing_directory(app
     assert any("No plan yet" in i.value for i in app.info)
     goto(app, "prune")  # makes the default plan (frequency, 4 of 8)
     goto(app, "export")
+    assert app.subheader[0].value.startswith("frequency: 4 of 8 experts kept per layer")  # words, not a hash
     out = tmp_path / "pruned"
     app.text_input[0].input(str(out)).run()
     app.button[0].click().run()

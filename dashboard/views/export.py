@@ -5,7 +5,7 @@ import streamlit as st
 
 from core.export import directory_bytes, export_pruned
 from core.plan import Plan, validate_plan
-from core.results import experts_kept
+from core.results import experts_kept, plan_name
 from dashboard import state
 
 st.title("Export")
@@ -31,7 +31,10 @@ if plan is None:
 
 method = plan.extra.get("method", "custom")
 kept = {layer: len(experts) for layer, experts in plan.layers.items()}
-st.subheader(f"Plan {plan.digest()[:12]} · {method}")
+st.subheader(plan_name(plan, mm.n_experts, mm.top_k))
+with st.expander("Details"):
+    st.markdown(state.plain(f"Plan {plan.digest()} (method {method}); experts kept per layer: "
+                            + "; ".join(f"layer {l}: {', '.join(map(str, e))}" for l, e in plan.layers.items())))
 st.markdown(f"Experts kept per MoE layer: **{', '.join(f'{l}: {c}' for l, c in kept.items()) or f'all {mm.n_experts}'}**"
             f" of {mm.n_experts} · top-k **{plan.top_k or mm.top_k}**"
             f"{' · merged experts' if plan.merge else ''}{' · dynamic skipping' if plan.dynamic_skip else ''}")

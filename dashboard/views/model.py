@@ -1,5 +1,6 @@
 """Model & data: which model is loaded (the bundled sample by default) and which tasks there are."""
 
+import pandas as pd
 import streamlit as st
 
 from core.model import DEVICES, DTYPES
@@ -60,7 +61,7 @@ for task in state.task_choices():
         spec = get_task_spec(task)
         rows.append({"task": spec.name, "metric": spec.metric, "description": spec.description,
                      "splits": ", ".join(spec.splits)})
-st.dataframe(rows, hide_index=True, width="stretch")
+st.table(pd.DataFrame(rows).set_index("task") if rows else pd.DataFrame())  # descriptions wrap, never cut off
 
 with st.form("task_form", clear_on_submit=True):
     path = st.text_input("Add a task spec (path to task.json or its folder)")

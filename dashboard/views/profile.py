@@ -69,12 +69,13 @@ profile = state.active_profile(mm)
 if profile is not None:
     meta = profile.meta
     st.subheader("Active profile")
-    cols = st.columns(4)
+    cols = st.columns(3)
     cols[0].metric("Tasks", len(meta.tasks))
     cols[1].metric("Tokens", f"{meta.tokens:,}")
     cols[2].metric("Routing rows", f"{meta.rows:,}")
-    cols[3].metric("Recorded", meta.created[:16].replace("T", " "))
-    st.caption(f"{state.code(profile.path)} · tasks: {state.plain(', '.join(meta.tasks))} · model {state.code(meta.model)}")
+    st.markdown(state.plain(f"Recorded {meta.created[:16].replace('T', ' ')} on tasks: {', '.join(meta.tasks)}."))
+    with st.expander("Details"):
+        st.markdown(f"File {state.code(profile.path)} · model {state.code(meta.model)}")
     d1, d2 = st.columns(2)
     d1.download_button("Download profile (.parquet)", profile.path.read_bytes(), file_name=profile.path.name,
                        mime="application/octet-stream")

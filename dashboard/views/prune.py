@@ -131,13 +131,12 @@ def bench_panel() -> None:
 def show_result(plan, result) -> None:
     heads = result.headlines()
     st.markdown(f"**{state.plain(plan_name(plan, n, k))}**")
-    # A table, not metric cards: task, metric and both scores stay readable at any number of tasks.
-    st.dataframe(heads[["task", "metric", "pruned", "full", "delta", "better"]], hide_index=True, key="scores",
-                 column_config={"task": "Task", "metric": "Metric",
-                                "pruned": st.column_config.NumberColumn("Pruned model", format="%.2f"),
-                                "full": st.column_config.NumberColumn("Full model", format="%.2f"),
-                                "delta": st.column_config.NumberColumn("Change", format="%+.2f"),
-                                "better": st.column_config.TextColumn("Better when")})
+    # A table, not metric cards: task, metric and both scores stay readable in full at any number of tasks.
+    st.table(heads.assign(pruned=heads["pruned"].map("{:.2f}".format), full=heads["full"].map("{:.2f}".format),
+                          delta=heads["delta"].map("{:+.2f}".format))
+             [["task", "metric", "pruned", "full", "delta", "better"]]
+             .rename(columns={"task": "Task", "metric": "Metric", "pruned": "Pruned model", "full": "Full model",
+                              "delta": "Change", "better": "Better when"}).set_index("Task"))
     cost = result.cost
     cols = st.columns(3)
     cols[0].metric("Parameters", f"{cost['total_params'] / 1e6:.2f} M", f"{result.change('total_params'):+.0%}",
