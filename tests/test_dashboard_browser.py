@@ -36,8 +36,33 @@ def centre(locator) -> tuple[float, float]:
 
 
 def headline(page) -> str:
-    """The first metric on the Prune page (the calibration task's headline score) and its delta."""
-    return page.get_by_test_id("stMetric").first.inner_text()
+    """The Prune page's score table (each task's headline score beside the full model's)."""
+    return page.get_by_test_id("stTable").first.inner_text()
+
+
+def trace_colours(page, title: str) -> dict[str, str]:
+    """Each trace's marker colour in the Plotly chart titled ``title``, as Plotly drew it."""
+    return page.evaluate("""t => {
+        const plot = [...document.querySelectorAll('.js-plotly-plot')]
+            .find(p => p._fullLayout && p._fullLayout.title && p._fullLayout.title.text.replace(/<[^>]+>/g, '') === t);
+        return plot ? Object.fromEntries(plot._fullData.map(d => [d.name, d.marker.color])) : {};
+    }""", title)
+
+
+def add_task(page, name: str) -> None:
+    """Add ``name`` to the Prune page's "Evaluation tasks" as a user does: open the list, type, Enter."""
+    box = page.get_by_test_id("stMultiSelect").first
+    box.click()
+    page.keyboard.type(name)
+    page.get_by_role("option", name=name, exact=True).click()
+    page.keyboard.press("Escape")
+    wait_for_app(page, SLOW)
+
+
+def cut_off_cells(page) -> list[str]:
+    """The score table's cells whose text does not fit (ellipsis or hidden overflow)."""
+    return page.evaluate("""() => [...document.querySelectorAll('[data-testid="stTable"] th, [data-testid="stTable"] td')]
+        .filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.innerText)""")
 
 
 def test_every_page_in_chromium(tmp_path, dashboard_home_copy):
@@ -67,7 +92,9 @@ def test_every_page_in_chromium(tmp_path, dashboard_home_copy):
         open_page(page, "Tokens", "Chance level")
         shoot(page, shots, "tokens")
 
-        open_page(page, "Prune", "qa · exact_match")
+        open_page(page, "Prune", "Trade-off on qa")
+        page.locator(".js-plotly-plot").last.wait_for(timeout=SLOW)
+        blue = trace_colours(page, "Trade-off on qa")
         before = headline(page)
         track = page.get_by_test_id("stSlider").first  # "Experts kept per layer"
         x, y = centre(track.get_by_role("slider"))
@@ -75,17 +102,36 @@ def test_every_page_in_chromium(tmp_path, dashboard_home_copy):
         page.mouse.down()  # drag the thumb to the left end: fewest experts kept
         page.mouse.move(track.bounding_box()["x"] + 2, y, steps=8)
         page.mouse.up()
-        page.wait_for_function("b => document.querySelector('[data-testid=\"stMetric\"]').innerText !== b",
+        page.wait_for_function("b => document.querySelector('[data-testid=\"stTable\"]').innerText !== b",
                                arg=before, timeout=SLOW)
         wait_for_app(page, SLOW)
         after = headline(page)
         assert after != before
         assert re.search(r"2 of 8", page.get_by_test_id("stSlider").first.inner_text())
+        assert "Full model" in after and not cut_off_cells(page)
         shoot(page, shots, "prune")
+        # a second method joins the chart: the first keeps its colour (it used to move with the set shown)
+        page.get_by_test_id("stSelectbox").first.click()
+        page.get_by_role("option", name="Random").first.click()
+        page.get_by_text("random: 2 of 8 experts kept").wait_for(timeout=SLOW)
+        wait_for_app(page, SLOW)
+        colours = trace_colours(page, "Trade-off on qa")
+        assert colours.get("frequency (top-2)") == blue.get("frequency (top-2)") == "#0072B2", (colours, blue)
+        assert colours["random (top-2)"] not in (colours["frequency (top-2)"], "#0072B2")
+        # the heatmaps and the trade-off chart can be saved: Plotly's mode bar with its download button
+        assert page.locator(".modebar-btn[data-title*='png' i]").count() >= 2
+        for name in ("arithmetic", "code", "prose"):  # four evaluation tasks: nothing in the table is cut off
+            add_task(page, name)
+        page.get_by_text("Trade-off on prose").wait_for(timeout=SLOW)
+        wait_for_app(page, SLOW)
+        table = headline(page)
+        assert all(t in table for t in ("qa", "arithmetic", "code", "prose", "Full model")), table
+        assert not cut_off_cells(page)
+        shoot(page, shots, "prune-4-tasks")
 
         open_page(page, "Export", "Write the pruned checkpoint")
         page.get_by_role("button", name="Export checkpoint").click()
         page.get_by_test_id("stAlertContentSuccess").get_by_text("Wrote ").wait_for(timeout=SLOW)
         shoot(page, shots, "export")
     assert sorted(p.stem for p in shots.glob("*.png")) == sorted(["model", "profile", "utilization", "tokens",
-                                                                   "prune", "export"])
+                                                                   "prune", "prune-4-tasks", "export"])
