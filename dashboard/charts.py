@@ -46,11 +46,11 @@ def method_symbol(method: str) -> str:
     return METHOD_STYLE.get(method, ("", "circle"))[1]
 
 
-# Expert colours: Okabe-Ito without black, then colours from Paul Tol's palettes picked greedily to be as far as
-# possible (RGB distance > 60) from every colour before them, so no two of the first 16 experts look alike and
-# none is near-black; beyond 16 experts the ids cycle.
-EXPERT_PALETTE = [c for name, c in OKABE_ITO.items() if name != "black"] + [
-    "#663333", "#332288", "#999933", "#AA3377", "#7F7F7F", "#44AA99", "#117733", "#BBBBBB", "#17BECF"]
+# Expert colours: Okabe-Ito (no black; vermillion held back, as a tint it looks like orange), then colours from
+# Paul Tol's palettes chosen to be far (RGB distance > 60) from every other, so no two of the first 16 experts
+# look alike, none is near-black, and the first 8 (a small model) differ even as the Tokens page's pale tints.
+EXPERT_PALETTE = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#CC79A7", "#663333", "#7F7F7F",
+                  "#D55E00", "#332288", "#999933", "#AA3377", "#44AA99", "#117733", "#BBBBBB", "#17BECF"]
 
 
 def expert_colour(expert: int) -> str:
@@ -141,7 +141,7 @@ def coactivation_matrix(matrix: np.ndarray, layer: int) -> go.Figure:
 
 
 def tradeoff(full: float | None, points: pd.DataFrame, metric: str, task: str,
-             current: tuple[float, float] | None = None, height: int = 380) -> go.Figure:
+             current: tuple[float, float] | None = None, height: int = 420) -> go.Figure:
     """Fraction of experts removed vs a task metric: measured points only. A method's finished settings are
     joined by a line only where there are two or more of them; a search stopped early is a hollow marker
     labelled with how many candidates it scored; the unpruned model is its own black diamond. Each method
@@ -176,8 +176,8 @@ def tradeoff(full: float | None, points: pd.DataFrame, metric: str, task: str,
                                  marker={"symbol": "star", "size": 16, "color": "rgba(0,0,0,0)",
                                          "line": {"color": "#000000", "width": 2}}))
     fig.update_layout(title={"text": f"Trade-off on {task}", "x": 0}, height=height, font=FONT,
-                      margin={"l": 60, "r": 20, "t": 50, "b": 50}, legend={"orientation": "h", "y": -0.3},
-                      plot_bgcolor="white")
+                      margin={"l": 60, "r": 20, "t": 50, "b": 40}, plot_bgcolor="white",
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.3, "x": 0, "font": {"size": 11}})
     fig.update_xaxes(title="experts removed", tickformat=".0%", range=[-0.05, 1], showgrid=True, gridcolor="#eee",
                      zeroline=False)
     fig.update_yaxes(title=metric, showgrid=True, gridcolor="#eee", zeroline=False)

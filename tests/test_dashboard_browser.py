@@ -109,6 +109,7 @@ def test_every_page_in_chromium(tmp_path, dashboard_home_copy):
         assert after != before
         assert re.search(r"2 of 8", page.get_by_test_id("stSlider").first.inner_text())
         assert "Full model" in after and not cut_off_cells(page)
+        page.set_viewport_size({"width": 1400, "height": 2400})  # the page scrolls inside Streamlit: show it all
         shoot(page, shots, "prune")
         # a second method joins the chart: the first keeps its colour (it used to move with the set shown)
         page.get_by_test_id("stSelectbox").first.click()

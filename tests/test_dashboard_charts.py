@@ -77,6 +77,9 @@ def test_expert_colours_are_distinguishable():
         for b in colours[i + 1:]:
             assert sum((x - y) ** 2 for x, y in zip(_rgb(a), _rgb(b))) ** 0.5 > 60, (a, b)
     assert all(sum(_rgb(c)) > 120 for c in colours)  # none near-black
+    first = colours[:8]  # a small model's experts differ more still (the Tokens page shows them as pale tints)
+    assert min(sum((x - y) ** 2 for x, y in zip(_rgb(a), _rgb(b))) ** 0.5
+               for i, a in enumerate(first) for b in first[i + 1:]) > 75
 
 
 @pytest.mark.parametrize("name", ["tradeoff-qa", "usage"])

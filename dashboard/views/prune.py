@@ -161,10 +161,10 @@ def show_result(plan, result) -> None:
     if profile is not None and plan.layers:
         task = (plan.extra.get("calibration") or {}).get("task")
         usage, own = aggregate.usage_for_plan(state.aggregated(profile, aggregate.expert_usage), task)
-        over = f"share of {task}'s routing in the profile" if own else "mean share in the profile"
+        over = f"share of {task}'s routing" if own else "mean share over the tasks"
         dropped = dropped_experts(plan, n)
-        st.plotly_chart(charts.expert_grid(usage, "share", f"Kept and dropped experts (× = dropped) over the {over}",
-                                           "share", dropped=dropped), width="content",
+        st.plotly_chart(charts.expert_grid(usage, "share", "Kept and dropped (×) experts", over, dropped=dropped),
+                        width="content",
                         config=charts.download_config("kept-experts"))
 
 
@@ -203,7 +203,7 @@ def show_tradeoff(plan, result, evaluate: list[str], calibration: str, top_k: in
         examples = result.examples(name)
         full, points = measured_tradeoff(tables, name, metric, split="test", examples=examples)
         current = (removed_fraction(experts_kept(plan, n), n), result.pruned(name, metric))
-        fig = charts.tradeoff(full, points, metric, name, current, height=380 if len(chosen) == 1 else 320)
+        fig = charts.tradeoff(full, points, metric, name, current, height=420 if len(chosen) == 1 else 470)
         grid[i % len(grid)].plotly_chart(fig, key=f"tradeoff_{name}",
                                          config=charts.download_config(f"tradeoff-{name}"))
 

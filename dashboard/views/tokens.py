@@ -27,7 +27,7 @@ for text, experts, weights in zip(texts, prompt["experts"], prompt["weights"]):
     colour = charts.expert_colour(experts[0])
     tip = "experts " + ", ".join(f"{e} ({w:.2f})" for e, w in zip(experts, weights))
     shown = html.escape(text).replace("\n", "↵<br>")
-    spans.append(f"<span title='{html.escape(repr(text))} → {tip}' style='background:{colour}33;"
+    spans.append(f"<span title='{html.escape(repr(text))} → {tip}' style='background:{colour}40;"
                  f"border-bottom:3px solid {colour};padding:1px 0;margin:0 1px'>{shown}</span>")
 st.html("<div style='font-family:ui-monospace,monospace;font-size:15px;line-height:2.1;white-space:pre-wrap'>"
         + "".join(spans) + "</div>")
