@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,6 +82,44 @@ def show_error(what: str, exc: BaseException, uploads: dict[str, str] | None = N
                controls: dict[str, str] | None = None) -> None:
     """:func:`error_text` shown expanded, as plain text (never Markdown)."""
     st.error(plain(error_text(what, exc, uploads, controls)))
+
+
+# ----- progress ---------------------------------------------------------------------------------------
+def progress_text(what: str, fraction: float, elapsed: float) -> str:
+    """``what`` with its percentage and, once a second has passed, an estimate of the time left."""
+    text = f"{what} ({fraction:.0%})"
+    if elapsed >= 1.0 and 0.02 <= fraction < 1.0:
+        left = elapsed / fraction * (1.0 - fraction)
+        text += f", about {left:.0f} s left" if left < 90 else f", about {left / 60:.0f} min left"
+    return text
+
+
+class Progress:
+    """A progress bar that says what is being done and how long is left; shows itself only for steps that
+    report progress, and removes itself when done (used as a context manager)."""
+
+    def __init__(self, container: Any = None) -> None:
+        self._container = container or st
+        self._bar = None
+        self._start = time.perf_counter()
+
+    def fraction(self, what: str, fraction: float) -> None:
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        text = progress_text(what, fraction, time.perf_counter() - self._start)
+        if self._bar is None:
+            self._bar = self._container.progress(fraction, text=text)
+        else:
+            self._bar.progress(fraction, text=text)
+
+    def steps(self, what: str, done: int, total: int) -> None:
+        self.fraction(what, done / total if total else 1.0)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.empty()
 
 
 # ----- uploads ---------------------------------------------------------------------------------------
@@ -193,7 +232,8 @@ def active_profile(mm: MoEModel, auto: bool = True) -> Profile | None:
                     bar = st.progress(0.0, text="Recording routing on the sample tasks (first visit only)…")
                     record_profile(mm, list_sample_tasks(), AUTO_PROFILE["split"], AUTO_PROFILE["limit"], path,
                                    lambda done, total, rate: bar.progress(
-                                       done / total, text=f"Profiling: {done:,}/{total:,} tokens, {rate:,.0f} tokens/s"))
+                                       done / total, text=f"Profiling: {done:,}/{total:,} tokens, {rate:,.0f} tokens/s"
+                                       + (f", about {(total - done) / rate:.0f} s left" if rate > 0 else "")))
                     bar.empty()
             st.session_state["profile_path"] = str(path)
             profile = open_profile(str(path))

@@ -114,16 +114,18 @@ def bench_panel() -> None:
         if METHODS[method].is_search and not bench.has_plan(request):
             plan = searched_plan(request)
         else:
-            with st.spinner("Calibrating (once per method and task)…"):
-                plan = bench.plan(request)
+            with state.Progress() as bar:  # a calibration pass, once per method and task; then instant
+                plan = bench.plan(request, progress=lambda what, f: bar.fraction(
+                    f"Calibrating {METHODS[method].label} on {state.task_label(calibration)}: {what}", f))
     if plan is None:
         return
     st.session_state["plan"] = plan
     if not evaluate:
         st.warning("Choose at least one evaluation task.")
         return
-    with state.shown_errors("Evaluation"), st.spinner("Evaluating…"):
-        result = bench.compare(plan, evaluate, "test", limit or None, agreement=agreement)
+    with state.shown_errors("Evaluation"), state.Progress() as bar:
+        result = bench.compare(plan, evaluate, "test", limit or None, agreement=agreement,
+                               progress=lambda what, done, total: bar.steps(f"Scoring: {what}", done, total))
         show_result(plan, result)
         show_tradeoff(plan, result, evaluate, calibration, top_k)
 
@@ -178,13 +180,11 @@ def show_tradeoff(plan, result, evaluate: list[str], calibration: str, top_k: in
     if c2.button("Sweep the fast methods over every keep", key="sweep",
                  help="Plans and scores " + ", ".join(METHODS[m].label for m in quick_methods())
                       + " at every number of experts kept, on the chosen tasks."):
-        bar = c2.progress(0.0)
-        with state.shown_errors("Sweep"):
+        with state.shown_errors("Sweep"), state.Progress(c2) as bar:
             bench.sweep(quick_methods(), bench.feasible_keeps(top_k), calibration, [names[c] for c in chosen],
                         top_k=top_k, limit=result.examples(chosen[0]),
-                        progress=lambda what, done, total: bar.progress(done / total, text=f"Sweep: {what} "
-                                                                        f"({done + 1} of {total})"))
-        bar.empty()
+                        progress=lambda what, done, total: bar.steps(f"Sweep: {what}, setting {done + 1} of {total}",
+                                                                     done, total))
     upload = c2.file_uploader("Add a table from `moescope sweep` (CSV or Parquet)", type=["csv", "parquet"])
     if upload is not None and upload.file_id != st.session_state.get("sweep_upload"):
         try:
