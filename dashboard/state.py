@@ -18,9 +18,10 @@ from typing import Any, Iterator
 
 import streamlit as st
 
-from core.atomic import remove_stale_temporaries, temporary_name
+from core.atomic import atomic_write_text, remove_stale_temporaries, temporary_name
 from core.errors import user_message
 from core.model import MoEModel, load_model
+from core.plan import Plan, validate_plan
 from core.profiling import profile_texts
 from core.routing_profile import Profile
 from core.tasks import get_task_spec, list_sample_tasks, task_texts
@@ -198,6 +199,45 @@ def task_label(task: str) -> str:
 @st.cache_data(show_spinner=False, max_entries=64)
 def texts_of(task: str, split: str, limit: int | None) -> list[str]:
     return task_texts(task, split, limit)
+
+
+# ----- plans kept across reloads ----------------------------------------------------------------------
+def _plans_folder(mm: MoEModel) -> Path:
+    return home() / "plans" / mm.weights_digest()[:16]
+
+
+def remember_plan(mm: MoEModel, plan: Plan) -> None:
+    """Make ``plan`` this session's plan and keep it on disk (by digest, with a pointer to the latest), so a
+    reload of the browser finds it again."""
+    st.session_state["plan"] = plan
+    if st.session_state.get("plan_saved") == plan.digest():
+        return
+    try:
+        folder = _plans_folder(mm)
+        saved = plan.save(folder / f"{plan.digest()}.json")
+        atomic_write_text(folder / "latest", saved.name + "\n")
+        st.session_state["plan_saved"] = plan.digest()
+    except OSError:  # a read-only home: the plan still lives for this session
+        pass
+
+
+def current_plan(mm: MoEModel) -> Plan | None:
+    """This session's plan; after a reload, the latest plan made on this model (restored from disk)."""
+    plan = st.session_state.get("plan")
+    if plan is not None:
+        return plan
+    pointer = _plans_folder(mm) / "latest"
+    if not pointer.is_file():
+        return None
+    try:
+        plan = Plan.load(pointer.parent / pointer.read_text().strip())
+        validate_plan(plan, mm.routing_spec())
+    except Exception:  # noqa: BLE001 - a stale or damaged file: start without a plan, as before
+        return None
+    st.session_state["plan"] = plan
+    st.session_state["plan_saved"] = plan.digest()
+    st.session_state["plan_restored"] = True
+    return plan
 
 
 # ----- profile --------------------------------------------------------------------------------------

@@ -271,3 +271,15 @@ def test_export_page_writes_the_checkpoint_and_refuses_an_existing_directory(app
     app.checkbox(key="export_overwrite").check().run()
     app.button[0].click().run()
     assert any(f"Wrote {out}" in s.value for s in app.success)
+
+
+def test_the_plan_survives_a_reload(app, dashboard_home_copy):
+    goto(app, "prune")  # makes the default plan (frequency, 4 of 8)
+    made = app.session_state["plan"]
+    reloaded = AppTest.from_file(APP, default_timeout=300)  # a browser reload: a new session, same server home
+    reloaded.run()
+    goto(reloaded, "export")
+    assert not any("No plan yet" in i.value for i in reloaded.info)
+    assert any("Restored the latest plan" in i.value for i in reloaded.info)
+    assert reloaded.session_state["plan"].digest() == made.digest()
+    assert reloaded.subheader[0].value.startswith("frequency: 4 of 8 experts kept per layer")

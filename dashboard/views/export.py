@@ -21,10 +21,12 @@ if upload is not None and upload.file_id != st.session_state.get("plan_upload"):
     except Exception as exc:  # noqa: BLE001 - shown as one sentence, the app keeps running
         state.show_error(f"Could not use {upload.name}", exc)
     else:
-        st.session_state["plan"] = plan
+        state.remember_plan(mm, plan)
         st.session_state["plan_upload"] = upload.file_id
 
-plan = st.session_state.get("plan")
+plan = state.current_plan(mm)
+if st.session_state.pop("plan_restored", False):
+    st.info("Restored the latest plan made on this model (this page was reloaded).")
 if plan is None:
     st.info("No plan yet: choose one on the **Prune** page, or upload a plan JSON above.")
     st.stop()

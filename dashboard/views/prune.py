@@ -119,7 +119,7 @@ def bench_panel() -> None:
                     f"Calibrating {METHODS[method].label} on {state.task_label(calibration)}: {what}", f))
     if plan is None:
         return
-    st.session_state["plan"] = plan
+    state.remember_plan(mm, plan)  # kept on disk too: a reload of the browser finds it again
     if not evaluate:
         st.warning("Choose at least one evaluation task.")
         return
