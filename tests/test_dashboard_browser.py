@@ -129,6 +129,7 @@ def test_every_page_in_chromium(tmp_path, dashboard_home_copy):
         assert all(t in table for t in ("qa", "arithmetic", "code", "prose", "Full model")), table
         assert not cut_off_cells(page)
         shoot(page, shots, "prune-4-tasks")
+        page.set_viewport_size({"width": 1400, "height": 1500})
 
         open_page(page, "Export", "Write the pruned checkpoint")
         page.get_by_role("button", name="Export checkpoint").click()
