@@ -163,7 +163,7 @@ def tradeoff(full: float | None, points: pd.DataFrame, metric: str, task: str,
                 hovertemplate="%{customdata} experts kept: %{y:.3g}<extra>%{fullData.name}</extra>"))
         stopped = rows[rows["stopped"].astype(bool)]
         if not stopped.empty:
-            labels = [f"stopped after {int(e)} evaluations" if e == e else "stopped early"
+            labels = [f"stopped after {int(e)} evaluations" if pd.notna(e) else "stopped early"
                       for e in stopped["evaluations"]]
             fig.add_trace(go.Scatter(
                 x=stopped["removed"], y=stopped["value"], mode="markers+text", name=f"{name}, stopped",

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Self
 
 import streamlit as st
 
@@ -115,7 +115,7 @@ class Progress:
     def steps(self, what: str, done: int, total: int) -> None:
         self.fraction(what, done / total if total else 1.0)
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

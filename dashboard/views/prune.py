@@ -5,8 +5,15 @@ import streamlit as st
 
 from core import aggregate
 from core.methods import catalog, quick_methods
-from core.results import (dropped_experts, experts_kept, headline_metric, load_table, measured_tradeoff, plan_name,
-                          removed_fraction)
+from core.results import (
+    dropped_experts,
+    experts_kept,
+    headline_metric,
+    load_table,
+    measured_tradeoff,
+    plan_name,
+    removed_fraction,
+)
 from core.workbench import PlanRequest
 from dashboard import charts, state
 
