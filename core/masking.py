@@ -22,6 +22,7 @@ from torch import nn
 from .adapters import Adapter, MoELayer
 from .model import MoEModel
 from .plan import Plan, validate_plan
+from .router_mapping import PROBS, mapped_probs, require_probs, route_mapped
 
 
 def slice_router_state(adapter: Adapter, router: nn.Module, keep: list[int]) -> dict[str, torch.Tensor]:
@@ -92,10 +93,16 @@ def _expand(values: torch.Tensor, keep_t: torch.Tensor, n_experts: int, fill: fl
 
 
 def skip_weak_experts(weights: torch.Tensor, beta: float) -> torch.Tensor:
-    """NAEE dynamic skipping: zero the weight of every chosen expert below ``beta`` times the strongest one
-    (not renormalised: the skipped expert's share is simply dropped)."""
+    """NAEE dynamic skipping: zero the weight of every chosen expert below ``beta`` times the strongest one and
+    rescale the survivors so the token's weights sum to what they summed to before. For Mixtral (weights summing
+    to 1) that is the official renormalisation: Expert_Sparsity ``model/modeling_mixtral.py`` lines 52-56 zero
+    the weaker of the top-2 softmax weights, then divide by the sum, so a lone survivor gets weight 1."""
     top = weights.max(dim=-1, keepdim=True).values
-    return torch.where(weights < beta * top, torch.zeros_like(weights), weights)
+    kept = torch.where(weights < beta * top, torch.zeros_like(weights), weights)
+    before, after = weights.sum(dim=-1, keepdim=True), kept.sum(dim=-1, keepdim=True)
+    scale = torch.where(after != 0, before / torch.where(after != 0, after, torch.ones_like(after)),
+                        torch.ones_like(after))
+    return kept * scale
 
 
 def _remapping_forward(adapter: Adapter, sub: nn.Module, keep: list[int], n_experts: int, beta: float | None):
@@ -115,6 +122,32 @@ def _remapping_forward(adapter: Adapter, sub: nn.Module, keep: list[int], n_expe
         if adapter.router_output == "scores":
             return _expand(out[0], keep_t, n_experts, 0.0), full_logits
         return full_logits
+
+    return forward
+
+
+def _probs_mapping_forward(adapter: Adapter, whole: nn.Module, mapping: torch.Tensor, keep: list[int], n_experts: int,
+                           top_k: int, normalisation: str, beta: float | None):
+    """Forward of a router under the paper's probs mapping (``core.router_mapping``): the original router's
+    logits, ``p' = R · softmax(logits)`` over the kept slots, top-k and the family's normalisation; decisions in
+    original expert ids (slot j is kept expert ``keep[j]``). The logits returned hold log p' on the kept experts
+    (-inf elsewhere, and where p' is not positive), for anything that reads them."""
+    keep_t: torch.Tensor | None = None
+
+    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        nonlocal keep_t
+        out = whole(hidden_states, *args, **kwargs)
+        logits = adapter.logits(out)
+        if keep_t is None or keep_t.device != logits.device:
+            keep_t = torch.tensor(keep, dtype=torch.long, device=logits.device)
+        mapped = mapped_probs(logits, mapping)
+        weights, slots = route_mapped(mapped, top_k, normalisation)
+        if beta is not None:
+            weights = skip_weak_experts(weights, beta)
+        mapped_logits = torch.where(mapped > 0, mapped.clamp(min=torch.finfo(mapped.dtype).tiny).log(),
+                                    torch.full_like(mapped, float("-inf")))
+        full_logits = _expand(mapped_logits, keep_t, n_experts, float("-inf")).to(logits.dtype)
+        return full_logits, weights.to(out[1].dtype), keep_t[slots]
 
     return forward
 
@@ -147,12 +180,21 @@ def _mask_layer(mm: MoEModel, layer: MoELayer, plan: Plan, undo: list) -> None:
         return
     if merge is None:
         sub = pruned_router(adapter, layer.router, keep, plan.top_k, n)
+        forward = _remapping_forward(adapter, sub, keep, n, beta)
+    elif plan.mapping == PROBS:
+        router_map, expert_map = merge
+        normalisation = require_probs(adapter, mm.config)
+        whole = build_router(layer.router, {}, n, None, n)  # the original router, to read its logits over all experts
+        forward = _probs_mapping_forward(adapter, whole, router_map, keep, n, plan.top_k or mm.top_k, normalisation,
+                                         beta)
+        _write_merged_experts(layer, keep, expert_map, n, undo)
     else:
         router_map, expert_map = merge
         sub = build_router(layer.router, mapped_router_state(adapter, layer.router, router_map), len(keep),
                            plan.top_k, n)
+        forward = _remapping_forward(adapter, sub, keep, n, beta)
         _write_merged_experts(layer, keep, expert_map, n, undo)
-    _set_instance_attr(layer.router, "forward", _remapping_forward(adapter, sub, keep, n, beta), undo)
+    _set_instance_attr(layer.router, "forward", forward, undo)
     if adapter.block_top_k_attr and plan.top_k is not None:
         _set_instance_attr(layer.block, adapter.block_top_k_attr, plan.top_k, undo)
 

@@ -2,7 +2,8 @@
 
 A plan is plain JSON so that any method can produce it, the dashboard can download it, and export can
 apply it later on another machine. Besides the kept experts a plan has typed fields for EEP merge matrices
-(``merge_matrices``, file key ``merge``), NAEE dynamic skipping (``skip_thresholds``, ``dynamic_skip``) and its
+(``merge_matrices``, file key ``merge``) and their router mapping (``router_mapping``: "probs" or "logits"; absent
+means "logits", so version-1 plans keep their meaning), NAEE dynamic skipping (``skip_thresholds``, ``dynamic_skip``) and its
 provenance (``provenance``: method, parameters, seed, ...; one top-level key each). Any other key of a plan file
 is kept in ``extra`` and written back as it was read, in the same place: version-1 files save byte-identically.
 
@@ -42,6 +43,7 @@ from .plan_fields import (
     parse_layers,
     parse_merge,
     parse_model,
+    parse_router_mapping,
     parse_top_k,
     show,
 )
@@ -55,7 +57,7 @@ __all__ = ["MAX_NESTING", "MAX_PLAN_BYTES", "PLAN_FORMAT", "PLAN_VERSION", "Merg
 # about 115 MB of indented JSON. 256 MB leaves room for that and bounds the memory a wrong file can take.
 MAX_PLAN_BYTES = 256 * 1024 * 1024
 
-_TYPED_KEYS = ("merge", "dynamic_skip", *PROVENANCE_FIELDS)  # file keys that have a typed field
+_TYPED_KEYS = ("merge", "dynamic_skip", "router_mapping", *PROVENANCE_FIELDS)  # file keys that have a typed field
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Plan:
     extra: Mapping[str, Any] = field(default_factory=dict)
     merge_matrices: dict[int, MergeMatrices] | None = None  # None: the plan does not merge ("merge" absent)
     skip_thresholds: dict[int, float] | None = None  # None: no dynamic skipping ("dynamic_skip" absent)
+    router_mapping: str | None = None  # EEP's mapping, "probs" or "logits"; None: absent, which means "logits"
     provenance: Provenance = field(default_factory=Provenance)
 
     def __post_init__(self) -> None:
@@ -98,6 +101,12 @@ class Plan:
         """NAEE dynamic skipping thresholds per layer: at inference a chosen expert whose gate weight is below
         beta times the strongest one's is skipped."""
         return {layer: float(beta) for layer, beta in (self.skip_thresholds or {}).items()}
+
+    @property
+    def mapping(self) -> str:
+        """How the merge matrices' router mapping applies: "probs" (p' = R · softmax(W x), the paper's) or
+        "logits" (R mixes the router's rows); plans that do not say were made with "logits"."""
+        return self.router_mapping or "logits"
 
     @property
     def merge(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -129,6 +138,8 @@ class Plan:
             parse_merge(extra["merge"], json_keys=True, check_values=True)
         if "dynamic_skip" in extra:
             parse_dynamic_skip(extra["dynamic_skip"], json_keys=True)
+        if "router_mapping" in extra:
+            parse_router_mapping(extra["router_mapping"])
         return cls(layers=layers, top_k=top_k, model=model, extra=extra)
 
     def to_json(self) -> str:
@@ -157,6 +168,8 @@ class Plan:
         """Identity of what the plan does to the model (kept sets, top-k, merging, skipping), for caches."""
         core = {"top_k": self.top_k, "layers": {str(k): sorted(v) for k, v in sorted(self.layers.items())},
                 "merge": self.extra.get("merge"), "dynamic_skip": self.extra.get("dynamic_skip")}
+        if self.router_mapping is not None:  # older plans keep their digest
+            core["router_mapping"] = self.router_mapping
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -182,6 +195,8 @@ class PlanExtras(MutableMapping):
         if key == "dynamic_skip":
             betas = plan.skip_thresholds
             return None if betas is None else {str(k): beta for k, beta in betas.items()}
+        if key == "router_mapping":
+            return plan.router_mapping
         return getattr(plan.provenance, key)
 
     def _has(self, key: str) -> bool:
@@ -205,6 +220,8 @@ class PlanExtras(MutableMapping):
             plan.merge_matrices = parse_merge(value, json_keys=False, check_values=False)
         elif key == "dynamic_skip":
             plan.skip_thresholds = parse_dynamic_skip(value, json_keys=False)
+        elif key == "router_mapping":
+            plan.router_mapping = parse_router_mapping(value)
         elif key in PROVENANCE_FIELDS:
             setattr(plan.provenance, key, check_provenance(key, value))
         else:
@@ -219,6 +236,8 @@ class PlanExtras(MutableMapping):
             self._plan.merge_matrices = None
         elif key == "dynamic_skip":
             self._plan.skip_thresholds = None
+        elif key == "router_mapping":
+            self._plan.router_mapping = None
         elif key in PROVENANCE_FIELDS:
             setattr(self._plan.provenance, key, None)
         else:

@@ -228,6 +228,18 @@ def parse_dynamic_skip(raw: Any, json_keys: bool) -> dict[int, float]:
     return betas
 
 
+ROUTER_MAPPINGS = ("probs", "logits")
+
+
+def parse_router_mapping(raw: Any) -> str:
+    """EEP's router mapping of a merging plan (file field ``router_mapping``): "probs", the paper's
+    ``p' = R · softmax(W x)``, or "logits", R applied to the router's rows. A plan without the field means
+    "logits", the only mapping plans had before (see ``core.router_mapping``)."""
+    if raw not in ROUTER_MAPPINGS:
+        raise MoEScopeError(f"Plan \"router_mapping\" must be \"probs\" or \"logits\", not {show(raw)}.")
+    return raw
+
+
 def parse_merge(raw: Any, json_keys: bool, check_values: bool) -> dict[int, MergeMatrices]:
     """Merge matrices per layer. Files get every entry checked (``check_values``); plans built in code get the
     cheap structural check, and torch reports what else is wrong when the matrices become tensors."""

@@ -352,3 +352,28 @@ def test_dynamic_skip_plans_are_valid_and_round_trip(family, calibration, tiny_m
     assert sorted(plan.dynamic_skip) == mm.layer_indices
     again = Plan.from_dict(json.loads(plan.to_json()))
     assert again.dynamic_skip == plan.dynamic_skip and again.extra == plan.extra
+
+
+# ----- issue 16: the official NAEE skipping and REAP gate ----------------------------------------------
+def test_dynamic_skip_renormalises_the_survivor_as_the_official_code():
+    from core.masking import skip_weak_experts
+
+    # Expert_Sparsity modeling_mixtral.py 52-56: zero the weaker weight if below beta * the stronger, then
+    # divide by the sum. [0.8, 0.2] with beta 0.3: 0.2 < 0.24 is skipped and 0.8 / 0.8 = 1; [0.6, 0.4] is kept.
+    out = skip_weak_experts(torch.tensor([[0.8, 0.2], [0.6, 0.4], [0.5, 0.5]]), 0.3)
+    torch.testing.assert_close(out, torch.tensor([[1.0, 0.0], [0.6, 0.4], [0.5, 0.5]]))
+
+
+def test_skipping_every_second_expert_is_top1_routing_on_mixtral(mixtral):
+    """beta = 1 skips the second expert of every token (but exact ties); the survivor then has weight 1, which
+    is exactly top-1 routing with Mixtral's renormalisation (before the fix its weight stayed g1 / (g1 + g2))."""
+    layer = mixtral.layers[0]
+    x = torch.randn(1, 12, 32, generator=torch.Generator().manual_seed(3))
+    layers = {i: list(range(8)) for i in mixtral.layer_indices}
+    with torch.no_grad():
+        with masked(mixtral, Plan(layers=layers, extra={"dynamic_skip": {str(layer.index): 1.0}})):
+            skipped = layer.block(x)
+        with masked(mixtral, Plan(layers=layers, top_k=1)):
+            top1 = layer.block(x)
+    skipped, top1 = (o[0] if isinstance(o, tuple) else o for o in (skipped, top1))
+    torch.testing.assert_close(skipped, top1, atol=1e-6, rtol=1e-5)
