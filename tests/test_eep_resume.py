@@ -48,7 +48,7 @@ def test_a_state_file_that_recorded_cancelled_still_resumes(tmp_path):
 def test_eep_stopped_then_resumed_gives_the_uninterrupted_plan(tmp_path):
     mm = with_dead_experts()
     task = lm_task(tmp_path)
-    settings = {"population": 4, "offspring": 4, "generations": 3, "seed": 2}
+    settings = {"population": 4, "offspring": 4, "generations": 3, "merge_generations": 3, "seed": 2}
     whole = make_method("eep", **settings).plan(mm, task, Target(keep=5))
     path = tmp_path / "eep.json"
     calls = iter(range(10_000))

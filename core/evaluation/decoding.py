@@ -48,17 +48,21 @@ class DecodingMixin:
         return self._stop_ids[stop]
 
     def _generate(self, spec: TaskSpec, examples: list[Example], say: ProgressFn,
-                  reference: list[Reference] | None = None, tally: Agreement | None = None) -> tuple[list[str], int]:
+                  reference: list[Reference] | None = None, tally: Agreement | None = None,
+                  likelihood: list[tuple[float, int]] | None = None) -> tuple[list[str], int]:
         """Batched greedy decoding with the KV cache, each answer ended at the task's stop string. Where the
         model's cache can be cropped, decoding runs on the cache of one pass over the prompts, and with a
         cached ``reference`` that pass also yields the agreement (see :meth:`_greedy`); other models decode
-        with ``model.generate`` and agreement takes its own pass."""
+        with ``model.generate`` and agreement takes its own pass. ``likelihood``, an empty list, receives each
+        example's (log-likelihood of its reference answer, answer tokens), teacher-forced on the same prompt cache
+        (models decoding with ``model.generate`` leave it empty: the caller runs a pass of its own)."""
         tok = self.mm.tokenizer
         stops = self._stop_lookup(spec.stop).to(self.mm.device)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         own = self._cache_reusable()
-        compare = (own and reference is not None and tally is not None
-                   and all(len(e.agreement_ids) > len(e.prompt_ids) for e in examples))
+        forced = own and all(len(e.agreement_ids) > len(e.prompt_ids) for e in examples)
+        compare = forced and reference is not None and tally is not None
+        answer_lp: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
         predictions: list[str] = [""] * len(examples)
         tokens = 0
@@ -67,12 +71,19 @@ class DecodingMixin:
             # left padding so every prompt ends where generation starts
             ids, mask = padded([examples[i].prompt_ids for i in idx], pad, left=True)
             if own:
-                answers = [examples[i].agreement_ids[len(examples[i].prompt_ids):] for i in idx] if compare else None
+                wanted = compare or (forced and likelihood is not None)
+                answers = [examples[i].agreement_ids[len(examples[i].prompt_ids):] for i in idx] if wanted else None
                 new, pruned, seconds = self._greedy(ids, mask, spec.max_new_tokens, stops, pad, answers)
                 if answers is not None and pruned is not None:
-                    tally.seconds += seconds  # type: ignore[union-attr]
                     for row, i in enumerate(idx):
-                        tally.add(reference[i], pruned[row])  # type: ignore[union-attr,index]
+                        if compare:
+                            tally.add(reference[i], pruned[row])  # type: ignore[union-attr,index]
+                        start = len(examples[i].prompt_ids) - 1  # the prompt's last position predicts the answer
+                        target = torch.tensor(answers[row])
+                        lp = pruned[row][start:start + len(target)].gather(-1, target[:, None]).sum()
+                        answer_lp[i] = (float(lp), len(target))
+                    if compare:
+                        tally.seconds += seconds  # type: ignore[union-attr]
             else:
                 new = generate_greedy(self.mm.model, ids, mask, spec.max_new_tokens, stops, pad,
                                       self.mm.eos_token_ids)
@@ -81,6 +92,8 @@ class DecodingMixin:
                 text = tok.decode(new[row], skip_special_tokens=True)
                 predictions[i] = (text.split(spec.stop)[0] if spec.stop else text).strip()
             say("generating", min(lo + self.batch_size, len(order)), len(order))
+        if likelihood is not None and forced:
+            likelihood.extend(answer_lp)
         return predictions, tokens
 
     def _greedy(self, ids: torch.Tensor, mask: torch.Tensor, max_new: int, stop_table: torch.Tensor, pad: int,

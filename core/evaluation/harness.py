@@ -21,7 +21,7 @@ from ..tasks import TaskSpec, get_task_spec
 from .agreement import Agreement, Reference
 from .decoding import DecodingMixin
 from .examples import Example, prepare_examples
-from .kinds import task_kind
+from .kinds import Generative, task_kind
 from .reference import ReferenceMixin
 from .result import EvalResult, ProgressFn, plan_cost
 from .scoring import ScoringMixin
@@ -65,13 +65,20 @@ class Evaluator(DecodingMixin, ScoringMixin, ReferenceMixin):
         self._digest = mm.weights_digest()
 
     def evaluate(self, task: TaskSpec | str, plan: Plan | None = None, split: str = "test", limit: int | None = None,
-                 progress: ProgressFn | None = None, agreement: bool = True) -> EvalResult:
+                 progress: ProgressFn | None = None, agreement: bool = True,
+                 answer_likelihood: bool = False) -> EvalResult:
+        """The task's metrics on ``split`` (first ``limit`` examples) under ``plan``; with ``agreement`` also the
+        agreement with the unpruned model; with ``answer_likelihood`` generative tasks also report
+        ``answer_logprob``, the reference answers' mean log-probability per token, teacher-forced on the
+        decoding pass's prompt cache where the model allows it."""
         spec = get_task_spec(task)
-        key = (self._digest, spec.name, split, limit, plan.digest() if plan else None, agreement)
+        key = (self._digest, spec.name, split, limit, plan.digest() if plan else None, agreement, answer_likelihood)
         cached = self._results.get(key)
         if cached is not None:
             return cached
         kind = task_kind(spec)
+        if answer_likelihood and isinstance(kind, Generative):
+            kind.answer_likelihood = True
         examples = self._prepare(spec, split, limit)
         say = progress or (lambda *_: None)
         start = time.perf_counter()

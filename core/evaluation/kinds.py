@@ -119,7 +119,11 @@ class MultipleChoice(TaskKind):
 
 
 class Generative(TaskKind):
-    """Greedy answers, each ended at the task's stop string, scored against the references by :meth:`scores`."""
+    """Greedy answers, each ended at the task's stop string, scored against the references by :meth:`scores`.
+    With ``answer_likelihood`` the metrics also hold ``answer_logprob``: the mean log-probability per token of the
+    reference answers, teacher-forced (EEP breaks ties of the metric with it)."""
+
+    answer_likelihood = False
 
     def check_context(self, ctx: int | None) -> None:
         spec = self.spec
@@ -140,8 +144,14 @@ class Generative(TaskKind):
 
     def run(self, ev: Evaluator, examples: list[Example], say: ProgressFn, reference: list[Reference] | None,
             tally: Agreement) -> Outcome:
-        predictions, tokens = ev._generate(self.spec, examples, say, reference, tally)
-        return Outcome(self.scores(predictions, [e.references for e in examples]), tokens, predictions)
+        likelihood: list[tuple[float, int]] | None = [] if self.answer_likelihood else None
+        predictions, tokens = ev._generate(self.spec, examples, say, reference, tally, likelihood)
+        scores = self.scores(predictions, [e.references for e in examples])
+        if likelihood is not None:
+            if not likelihood:  # decoding could not teacher-force on its cache: one pass of its own
+                likelihood = ev._answer_likelihood(examples)
+            scores["answer_logprob"] = sum(lp for lp, _ in likelihood) / max(1, sum(n for _, n in likelihood))
+        return Outcome(scores, tokens, predictions)
 
     def scores(self, predictions: Sequence[str], references: list[list[str]]) -> dict[str, float]:
         raise NotImplementedError

@@ -61,6 +61,20 @@ class ScoringMixin:
                     tally.add(reference[e], logp[row, :len(seqs[i]) - 1])  # the agreement text
         return logp_sum, sum(len(s) for s in seqs)
 
+    def _answer_likelihood(self, examples: list[Example]) -> list[tuple[float, int]]:
+        """Each generative example's (log-likelihood of its reference answer, answer tokens), teacher-forced on
+        its agreement text (prompt + answer) in one pass of its own."""
+        seqs = [e.agreement_ids for e in examples]
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
+        for idx in self._batches(seqs):
+            logp = self._logprobs(seqs, idx)
+            for row, i in enumerate(idx):
+                start = len(examples[i].prompt_ids)
+                target = torch.tensor(seqs[i][start:])
+                positions = torch.arange(start - 1, start - 1 + len(target))
+                out[i] = (float(logp[row, positions, target].sum()), len(target))
+        return out
+
     def _shares_prompts(self, examples: list[Example]) -> bool:
         """Options can reuse their prompt's KV cache when every example has the same number of non-empty
         options and the model's cache can be repeated per option."""
