@@ -138,8 +138,8 @@ def test_reap_saliency_equals_an_independent_computation(calibration, tiny_model
     plan = REAP(batch_size=3).plan(mm, calibration, Target(keep=4))
     for layer, x in block_inputs(mm).items():
         probs = (x @ mm.layer(layer).router.weight.T).softmax(dim=-1)
-        top, ids = probs.topk(2, dim=-1)
-        gates = top / top.sum(dim=-1, keepdim=True)
+        # official REAP on Mixtral (no norm_topk_prob in its config): the softmax probability, not renormalised
+        gates, ids = probs.topk(2, dim=-1)
         expected = np.zeros(mm.n_experts)
         for expert in range(mm.n_experts):
             rows, slot = (ids == expert).nonzero(as_tuple=True)
@@ -377,3 +377,32 @@ def test_skipping_every_second_expert_is_top1_routing_on_mixtral(mixtral):
             top1 = layer.block(x)
     skipped, top1 = (o[0] if isinstance(o, tuple) else o for o in (skipped, top1))
     torch.testing.assert_close(skipped, top1, atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_progressive_naee_targets_the_original_models_block_output(mixtral, calibration):
+    """Official progressive_pruning caches Z (each block's output) from the unpruned model, then scores a later
+    layer's subsets on its inputs X collected with the earlier layers pruned: error = ||Z - block_S(X_pruned)||."""
+    mm = mixtral
+    plan = NAEE(progressive=True).plan(mm, calibration, Target(keep=4))
+    original = block_inputs(mm)[1]
+    with masked(mm, Plan(layers={0: plan.layers[0]})):
+        pruned_inputs = block_inputs(mm)[1]
+    candidate = mixtral_block(mm, 1, pruned_inputs, plan.layers[1])
+    target = mixtral_block(mm, 1, original, list(range(8)))
+    expected = float(torch.linalg.norm(target - candidate))
+    assert plan.extra["reconstruction_error"]["1"] == pytest.approx(expected, rel=1e-4)
+    old_target = float(torch.linalg.norm(mixtral_block(mm, 1, pruned_inputs, list(range(8))) - candidate))
+    assert abs(old_target - expected) > 1e-3 * expected  # the two targets differ by far more than rounding
+
+
+def test_reap_renormalises_only_where_the_config_asks_and_the_flag_is_set(calibration, tiny_models):
+    """Official: renormalize_router_weights = config.norm_topk_prob (absent on Mixtral: False) and the flag."""
+    mixtral = tiny(tiny_models)
+    assert not hasattr(mixtral.config, "norm_topk_prob")
+    plain, flagged = (REAP(renormalize=r).expert_scores(mixtral, calibration).scores for r in (False, True))
+    assert all(np.array_equal(plain[k], flagged[k]) for k in plain)
+    qwen = tiny(tiny_models, "qwen2_moe", norm_topk_prob=True)
+    plain, flagged = (REAP(renormalize=r).expert_scores(qwen, calibration).scores for r in (False, True))
+    # renormalised top-2 gates are larger than the raw probabilities (they sum to 1, the raw ones to less)
+    assert all((flagged[k] >= plain[k] - 1e-9).all() and (flagged[k] > plain[k]).any() for k in plain)

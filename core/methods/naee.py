@@ -56,8 +56,9 @@ class NAEE(Described):
     their expert with the least routed gate weight so every evaluated subset stays group-balanced), costing
     about E evaluations per round, so 64-128 experts stay tractable.
 
-    ``progressive`` collects each layer's inputs from the model with the earlier layers already pruned
-    (the target is still the unpruned block on those inputs). Scores per expert: exhaustive search, minus
+    ``progressive`` collects each layer's inputs from the model with the earlier layers already pruned; the
+    target stays the original model's block output on the same tokens, as the official ``progressive_pruning``
+    (Expert_Sparsity ``method/expert_pruning.py``: Z cached from the unpruned model first, X re-collected per layer). Scores per expert: exhaustive search, minus
     the lowest error of any subset containing it; greedy, the rounds it survived (kept experts survive all).
     """
 
@@ -82,16 +83,22 @@ class NAEE(Described):
         results: dict[int, LayerSearch] = {}
         passes = 0
         for i, layer in enumerate(mm.layers):
-            done = Plan(layers=dict(layers), top_k=target.top_k) if self.progressive and layers else None
-            inputs, n = collect_block_inputs(mm, layer, seqs, chosen, self.batch_size, done)
+            inputs, n = collect_block_inputs(mm, layer, seqs, chosen, self.batch_size, None)
             passes += n
+            original = None
+            if self.progressive and layers:  # official progressive_pruning: candidates run on the pruned model's
+                original = inputs  # inputs, the target stays the original model's cached block output (Z)
+                done = Plan(layers=dict(layers), top_k=target.top_k)
+                inputs, n = collect_block_inputs(mm, layer, seqs, chosen, self.batch_size, done)
+                passes += n
 
             def report(what: str, frac: float, i: int = i, layer: MoELayer = layer) -> None:
                 say(f"NAEE layer {layer.index}: {what}", (i + frac) / len(mm.layers))
 
-            results[layer.index] = search_layer(mm, layer, inputs, keep, target.top_k, self.max_subsets, report)
+            results[layer.index] = search_layer(mm, layer, inputs, keep, target.top_k, self.max_subsets, report,
+                                                reference_inputs=original)
             layers[layer.index] = results[layer.index].keep
-            del inputs
+            del inputs, original
         return finish_plan(mm, layers, target, self.name, self.parameters(), calibration, started, passes,
                            seed=self.seed,
                            scores={str(k): [float(x) for x in r.scores] for k, r in results.items()},
@@ -158,8 +165,10 @@ def block_output(layer: MoELayer, inputs: torch.Tensor) -> torch.Tensor:
 
 
 def search_layer(mm: MoEModel, layer: MoELayer, inputs: torch.Tensor, keep: int, top_k: int | None,
-                 max_subsets: int, progress: ProgressFn) -> LayerSearch:
-    """The group-balanced ``keep``-subset of this layer's experts with the smallest reconstruction error."""
+                 max_subsets: int, progress: ProgressFn, reference_inputs: torch.Tensor | None = None) -> LayerSearch:
+    """The group-balanced ``keep``-subset of this layer's experts with the smallest reconstruction error: the
+    distance between the unpruned block's output on ``reference_inputs`` (default ``inputs``: the same tokens) and
+    the pruned block's on ``inputs``."""
     n, groups = mm.n_experts, mm.routing_spec().n_groups
     size, per_group = n // groups, keep // groups
     members = [list(range(g * size, (g + 1) * size)) for g in range(groups)]
@@ -172,7 +181,7 @@ def search_layer(mm: MoEModel, layer: MoELayer, inputs: torch.Tensor, keep: int,
     with mm.lock, torch.inference_mode():
         handle = layer.router.register_forward_hook(note_mass)
         try:
-            reference = block_output(layer, inputs)
+            reference = block_output(layer, inputs if reference_inputs is None else reference_inputs)
         finally:
             handle.remove()
         errors: dict[tuple[int, ...], float] = {}

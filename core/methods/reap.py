@@ -1,7 +1,12 @@
 """REAP (Lasby et al. 2025): prune the experts whose routed contribution is smallest.
 
-Saliency ``S_j = mean over tokens x routed to j of g_j(x) * ||f_j(x)||_2``, with ``g_j`` the gate weight the
-block applies (the renormalised top-k weight) and ``f_j(x)`` expert j's own output before weighting. One
+Saliency ``S_j = mean over tokens x routed to j of g_j(x) * ||f_j(x)||_2``, with ``f_j(x)`` expert j's own output
+before weighting and ``g_j`` the router's gate value as the official code takes it (CerebrasResearch/reap
+``src/reap/main.py``: ``renormalize_router_weights = getattr(model.config, "norm_topk_prob", False) and
+obs_args.renormalize_router_weights``, the flag defaulting to False in ``src/reap/args.py``): for softmax routers the
+softmax probability over all experts of a chosen expert, not renormalised over the top-k (so on Mixtral, whose
+config has no ``norm_topk_prob``, never), renormalised only with ``renormalize`` and a config whose
+``norm_topk_prob`` is true; sigmoid routers keep the weight the block applies. One
 calibration pass collects it without keeping activations: per layer, a router hook notes the routing, a
 pre-hook on the (fused) experts module re-runs that module once per expert on just the tokens routed to it,
 with weight 1, so ``f_j`` is computed by the model's own code for every fused layout and experts
@@ -87,22 +92,25 @@ class REAP(ScoredMethod):
     name: str = "reap"
     batch_size: int = 8
     max_length: int = 512
+    renormalize: bool = False  # official renormalize_router_weights (only where the config's norm_topk_prob is true)
 
     def expert_scores(self, mm: MoEModel, calibration: Calibration,
                       progress: ProgressFn | None = None) -> ExpertScores:
         started = time.perf_counter()
         refuse_input_scaled_experts(mm, "REAP")
         seqs = encode_calibration(mm, calibration, self.max_length)
-        sums, counts = saliency_sums(mm, seqs, self.batch_size, progress)
+        renormalise = self.renormalize and bool(getattr(mm.config, "norm_topk_prob", False))
+        sums, counts = saliency_sums(mm, seqs, self.batch_size, progress, renormalise)
         scores = {layer: np.divide(sums[layer], counts[layer], out=np.zeros_like(sums[layer]),
                                    where=counts[layer] > 0) for layer in sums}
         return ExpertScores(scores, len(seqs), time.perf_counter() - started,
                             {"routed_tokens": {str(k): [int(c) for c in v] for k, v in counts.items()}})
 
 
-def saliency_sums(mm: MoEModel, seqs: list[list[int]], batch_size: int,
-                  progress: ProgressFn | None = None) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """Per MoE layer: sum over routed real tokens of g_j(x)·||f_j(x)||_2, and the number of such tokens, [E] each."""
+def saliency_sums(mm: MoEModel, seqs: list[list[int]], batch_size: int, progress: ProgressFn | None = None,
+                  renormalise: bool = False) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Per MoE layer: sum over routed real tokens of g_j(x)·||f_j(x)||_2, and the number of such tokens, [E] each
+    (g_j: see the module's docstring)."""
     n = mm.n_experts
     sums = {layer.index: torch.zeros(n, dtype=torch.float64) for layer in mm.layers}
     counts = {layer.index: torch.zeros(n, dtype=torch.int64) for layer in mm.layers}
@@ -110,7 +118,12 @@ def saliency_sums(mm: MoEModel, seqs: list[list[int]], batch_size: int,
 
     def router_hook(layer: MoELayer):
         def hook(module: Any, args: tuple, output: Any) -> None:
-            state["routing"][layer.index] = mm.adapter.decisions(output, layer, mm.effective_top_k)
+            ids, weights = mm.adapter.decisions(output, layer, mm.effective_top_k)
+            if mm.adapter.scoring == "softmax":  # the official gate: softmax over all experts at the chosen ones
+                weights = mm.adapter.probabilities(output).gather(1, ids.to(torch.long))
+                if renormalise:
+                    weights = weights / weights.sum(dim=-1, keepdim=True)
+            state["routing"][layer.index] = ids, weights
         return hook
 
     def experts_pre_hook(layer: MoELayer):
