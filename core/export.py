@@ -3,6 +3,15 @@
 The pruned router is sliced by the same function masking uses, so the exported model routes exactly as
 the masked one. The checkpoint is built in a temporary directory beside the target and renamed into
 place only when complete.
+
+Two ways to the same tensors (``core.export_tensors`` decides each one for both):
+
+- **streaming** (``core.streaming_export``), used whenever the model was loaded from a local folder of
+  safetensors: the shards are read and the pruned shards written one tensor group at a time, so memory holds
+  a layer's experts at most, never a second model;
+- **in memory**: a pruned model is built from the loaded one and saved with ``save_pretrained``; used for
+  models without such a folder (built in memory, ``.bin`` weights, a hub id) or loaded in another dtype or
+  layout than the files hold.
 """
 
 from __future__ import annotations
@@ -16,8 +25,9 @@ import torch
 
 from .adapters import set_field
 from .atomic import atomic_directory
-from .errors import MoEScopeError
-from .masking import mapped_router_state, merged_expert_tensor, slice_router_state
+from .checkpoint_files import has_safetensors
+from .checkpoint_writer import DEFAULT_MAX_SHARD_SIZE
+from .export_tensors import exported_expert_tensor, exported_router_state
 from .model import MoEModel
 from .outputs import EXPORT_MARKER, check_output, output_lock
 from .plan import Plan, validate_plan
@@ -31,29 +41,13 @@ def pruned_state_dict(mm: MoEModel, plan: Plan) -> dict[str, torch.Tensor]:
     state = mm.model.state_dict()
     n = mm.n_experts
     names = {module: name for name, module in mm.model.named_modules()}
-    merges = plan.merge
     for layer in mm.layers:
-        keep = plan.keep(layer.index, n)
-        merge = merges.get(layer.index)
         router_prefix, experts_prefix = names[layer.router], names[layer.experts]
-        router_state = (slice_router_state(mm.adapter, layer.router, keep) if merge is None
-                        else mapped_router_state(mm.adapter, layer.router, merge[0]))
-        for name, tensor in router_state.items():
+        for name, tensor in exported_router_state(mm.adapter, layer.router, plan, layer.index, n).items():
             state[f"{router_prefix}.{name}"] = tensor
         for name, tensor in layer.experts.state_dict().items():
-            state[f"{experts_prefix}.{name}"] = (_slice_experts(tensor, keep, n) if merge is None
-                                                 else merged_expert_tensor(tensor, merge[1], n))
+            state[f"{experts_prefix}.{name}"] = exported_expert_tensor(tensor, plan, layer.index, n)
     return state
-
-
-def _slice_experts(tensor: torch.Tensor, keep: list[int], n_experts: int) -> torch.Tensor:
-    index = torch.tensor(keep, dtype=torch.long, device=tensor.device)
-    if tensor.shape[0] == n_experts:
-        return tensor.index_select(0, index).clone()
-    if tensor.shape[0] % n_experts == 0:  # DBRX stores experts flat: [E * F, H]
-        per = tensor.view(n_experts, -1, *tensor.shape[1:]).index_select(0, index)
-        return per.reshape(-1, *tensor.shape[1:]).clone()
-    raise MoEScopeError(f"Cannot find the expert axis of a tensor of shape {tuple(tensor.shape)}.")
 
 
 def pruned_config(mm: MoEModel, plan: Plan):
@@ -80,16 +74,29 @@ def build_pruned_model(mm: MoEModel, plan: Plan, device: str | torch.device = "c
 
 
 def export_pruned(mm: MoEModel, plan: Plan, out_dir: str | Path, overwrite: bool = False,
-                  progress: Callable[[str], None] | None = None) -> Path:
+                  progress: Callable[[str], None] | None = None, streaming: bool | None = None,
+                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write the pruned checkpoint (config, safetensors, tokenizer, plan) to ``out_dir`` atomically.
 
     ``out_dir`` must be new, or an earlier MoEScope export when ``overwrite``; it may never be, hold or lie
     inside the source model (``core.outputs.check_output``). It is locked for the export.
+    ``streaming``: None streams from the source's safetensors shards when the loaded model holds them as stored
+    (same names, shapes and dtypes), else builds the pruned model in memory; True insists on streaming, False
+    on memory. ``max_shard_size`` bounds the streamed shards.
     """
     validate_plan(plan, mm.routing_spec(), for_export=True)
     say = progress or (lambda _msg: None)
     sources = [mm.source] + [p for p in (getattr(mm.model, "name_or_path", None),) if p]
     out_dir = check_output(out_dir, "export", overwrite, sources=sources)
+    if streaming is not False and (streaming or has_safetensors(mm.source)):
+        from .streaming_export import StreamingExport
+
+        job = StreamingExport(mm.source, plan, loaded=mm.model)
+        if streaming or job.matches(mm.model):
+            say(f"streaming from the safetensors shards of {mm.source}")
+            return job.write(out_dir, overwrite=overwrite, progress=progress, max_shard_size=max_shard_size,
+                             tokenizer=mm.tokenizer, sources=tuple(sources[1:]))
+        job.checkpoint.close()
     with output_lock(out_dir), atomic_directory(check_output(out_dir, "export", overwrite, sources=sources)) as tmp:
         say("slicing experts and building the pruned model")
         pruned = build_pruned_model(mm, plan)
@@ -97,13 +104,17 @@ def export_pruned(mm: MoEModel, plan: Plan, out_dir: str | Path, overwrite: bool
         pruned.save_pretrained(tmp)
         if mm.tokenizer is not None:
             mm.tokenizer.save_pretrained(tmp)
-        provenance = plan.provenance
-        if plan.model and plan.model != mm.source:  # the plan was made on another model; record where it was applied
-            provenance = dataclasses.replace(provenance, planned_on=plan.model)
-        exported = dataclasses.replace(plan, model=mm.source, provenance=provenance)
-        exported.save(tmp / PLAN_FILENAME)
+        save_export_plan(plan, mm.source, tmp)
     say(f"wrote {out_dir}")
     return out_dir
+
+
+def save_export_plan(plan: Plan, source: str, folder: Path) -> None:
+    """The plan as applied, beside the checkpoint: ``model`` is the source it was applied to."""
+    provenance = plan.provenance
+    if plan.model and plan.model != source:  # the plan was made on another model; record where it was applied
+        provenance = dataclasses.replace(provenance, planned_on=plan.model)
+    dataclasses.replace(plan, model=source, provenance=provenance).save(Path(folder) / PLAN_FILENAME)
 
 
 def directory_bytes(path: str | Path) -> int:

@@ -173,10 +173,16 @@ class MoEModel:
         return pieces
 
     def weights_digest(self) -> str:
-        """sha256 of every MoE router's weights: cheap, and changes whenever routing could."""
+        """sha256 of every MoE router's weights: cheap, and changes whenever routing could. Read from the
+        checkpoint's safetensors shards, router tensors only, when the model came from a local folder of them
+        (``core.checkpoint_routers``: the same values, offloaded routers included); else from the model."""
+        from .checkpoint_routers import stored_router_states
+
+        stored = stored_router_states(self)
         digest = hashlib.sha256()
         for layer in self.layers:
-            for name, tensor in sorted(layer.router.state_dict().items()):
+            state = stored[layer.index] if stored is not None else layer.router.state_dict()
+            for name, tensor in sorted(state.items()):
                 digest.update(f"{layer.index}.{name}".encode())
                 digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.hexdigest()

@@ -1,0 +1,288 @@
+"""Streaming export (core.streaming_export): shard by shard from the source's safetensors, never loading the model,
+and the same tensors, bit for bit, as the in-memory export; the routers' digest reads only router tensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from core import checkpoint_writer
+from core.errors import MoEScopeError
+from core.export import export_pruned
+from core.masking import masked
+from core.model import MoEModel, load_model
+from core.plan import Plan
+from core.streaming_export import export_checkpoint
+
+from .tiny_models import FAMILIES, LAYOUTS, char_tokenizer, ids
+
+CASES = [(mt, None) for mt in FAMILIES] + [(LAYOUTS[name][0], name) for name in LAYOUTS]
+CASE_IDS = [name or mt for mt, name in CASES]
+KEEP = [0, 2, 5, 7]  # two per group of four, so grouped routing stays balanced
+MERGED = ["mixtral", "dbrx", "deepseek_v3", "ernie4_5_moe", "gpt_oss", "hunyuan_v1_moe", "llama4_text"]
+
+
+def stored(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file in ``folder``."""
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            names = handle.keys()
+            out.update({key: handle.get_tensor(key) for key in names})
+    return out
+
+
+def assert_same_tensors(a: Path, b: Path) -> int:
+    """Same names, dtypes, shapes and bytes; returns how many tensors."""
+    left, right = stored(a), stored(b)
+    assert sorted(left) == sorted(right)
+    for name, tensor in left.items():
+        other = right[name]
+        assert (tensor.dtype, tensor.shape) == (other.dtype, other.shape), name
+        assert torch.equal(tensor.reshape(-1).view(torch.uint8), other.reshape(-1).view(torch.uint8)), name
+    return len(left)
+
+
+def config_of(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def save_checkpoint(model, folder: Path, **kwargs) -> Path:
+    model.save_pretrained(folder, **kwargs)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def one_hot(keep, n=8) -> list[list[float]]:
+    return [[1.0 if i == e else 0.0 for i in range(n)] for e in keep]
+
+
+def merge_plan(layers: list[int], seed: int) -> Plan:
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.tensor(one_hot(KEEP))
+    noisy = lambda: (base + torch.randn(4, 8, generator=gen) * 0.2 * (torch.rand(4, 8, generator=gen) < 0.5)).tolist()
+    merge = {str(i): {"router": noisy(), "experts": noisy()} for i in layers}
+    return Plan(layers={i: KEEP for i in layers}, top_k=1, extra={"merge": merge})
+
+
+@pytest.mark.parametrize("model_type,layout", CASES, ids=CASE_IDS)
+def test_streaming_export_equals_in_memory_export(model_type, layout, tmp_path, tiny_models):
+    """Sharded source, sharded output, top-k changed: every tensor and the config as the in-memory export writes."""
+    model = tiny_models.layout(layout) if layout else tiny_models.model(model_type)
+    src = save_checkpoint(model, tmp_path / "src", max_shard_size="20KB")
+    mm = load_model(src)
+    plan = Plan(layers={i: KEEP for i in mm.layer_indices}, top_k=None if model_type == "phimoe" else 1)
+    in_memory = export_pruned(mm, plan, tmp_path / "memory", streaming=False)
+    streamed = export_checkpoint(src, plan, tmp_path / "streamed", max_shard_size="30KB")
+    assert assert_same_tensors(in_memory, streamed) > 10
+    assert config_of(streamed) == config_of(in_memory)
+    assert len(list(streamed.glob("model-*.safetensors"))) > 1
+
+
+@pytest.mark.parametrize("model_type", MERGED)
+def test_merged_bf16_export_equals_in_memory_export(model_type, tmp_path, tiny_models):
+    """Merged experts and mapped routers, in bf16 (DeepSeek, ERNIE, Hunyuan hold their routers in fp32)."""
+    src = save_checkpoint(tiny_models.model(model_type).to(torch.bfloat16), tmp_path / "src")
+    mm = load_model(src)
+    plan = merge_plan(mm.layer_indices, seed=1)
+    plan.top_k = None if model_type == "phimoe" else 1
+    in_memory = export_pruned(mm, plan, tmp_path / "memory", streaming=False)
+    assert assert_same_tensors(in_memory, export_checkpoint(src, plan, tmp_path / "streamed")) > 10
+
+
+def test_grouped_routing_merge_streams_like_in_memory(tmp_path, tiny_models):
+    src = save_checkpoint(tiny_models.layout("deepseek_v3-grouped-dense-first"), tmp_path / "src")
+    mm = load_model(src)
+    plan = merge_plan(mm.layer_indices, seed=2)
+    in_memory = export_pruned(mm, plan, tmp_path / "memory", streaming=False)
+    assert_same_tensors(in_memory, export_checkpoint(src, plan, tmp_path / "streamed"))
+
+
+def test_export_pruned_streams_from_the_loaded_models_shards(tmp_path, tiny_models):
+    """A model loaded from safetensors (here in another dtype than stored) is exported from its shards; the result
+    loads with plain transformers and computes what masking computes."""
+    src = save_checkpoint(tiny_models.model("qwen2_moe"), tmp_path / "src")
+    mm = load_model(src, dtype="bf16")
+    plan = Plan(layers={i: KEEP for i in mm.layer_indices}, top_k=1)
+    said: list[str] = []
+    streamed = export_pruned(mm, plan, tmp_path / "streamed", progress=said.append, max_shard_size="100KB")
+    assert any("streaming from the safetensors shards" in m for m in said)
+    assert any(m.startswith("shard 1 of") and "tensors" in m and "MB" in m for m in said)
+    assert_same_tensors(export_pruned(mm, plan, tmp_path / "memory", streaming=False), streamed)
+    x = ids(2, 10, seed=4)
+    with masked(mm, plan), torch.no_grad():
+        expected = mm.model(input_ids=x).logits.float()
+    reloaded = AutoModelForCausalLM.from_pretrained(streamed, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        assert (reloaded(input_ids=x).logits.float() - expected).abs().max().item() <= 1e-2  # bf16 rounding
+    assert (streamed / "tokenizer.json").is_file() and Plan.load(streamed / "moescope-plan.json").model == str(src)
+
+
+def test_in_memory_models_keep_the_in_memory_export(tmp_path, tiny_models):
+    mm = MoEModel(tiny_models.model("mixtral"), source="tiny-in-memory")
+    said: list[str] = []
+    export_pruned(mm, Plan(layers={i: KEEP for i in mm.layer_indices}), tmp_path / "out", progress=said.append)
+    assert "slicing experts and building the pruned model" in said
+    with pytest.raises(MoEScopeError, match="not a local folder of safetensors weights"):
+        export_pruned(mm, Plan(layers={}), tmp_path / "again", streaming=True)
+
+
+def test_no_model_is_instantiated_on_a_real_device(tmp_path, tiny_models, monkeypatch):
+    src = save_checkpoint(tiny_models.model("deepseek_v3"), tmp_path / "src")
+    real_from_config = AutoModelForCausalLM.from_config.__func__
+    built = []
+
+    def meta_only(cls, config, *args, **kwargs):
+        if torch.get_default_device().type != "meta":
+            raise AssertionError("a model was instantiated on a real device")
+        model = real_from_config(cls, config, *args, **kwargs)
+        built.append({t.device.type for t in model.state_dict().values()})
+        return model
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", classmethod(meta_only))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", never)
+    plan = merge_plan([0, 1], seed=3)
+    out = export_checkpoint(src, plan, tmp_path / "out")
+    assert built and all(devices == {"meta"} for devices in built)
+    monkeypatch.undo()
+    with pytest.raises(AssertionError, match="real device"):  # the check does catch the in-memory export
+        monkeypatch.setattr(AutoModelForCausalLM, "from_config", classmethod(meta_only))
+        export_pruned(load_model(src), plan, tmp_path / "memory", streaming=False)
+    monkeypatch.undo()
+    assert_same_tensors(export_pruned(load_model(src), plan, tmp_path / "memory", streaming=False), out)
+
+
+def test_fused_and_per_expert_sources_export_alike(tmp_path, tiny_models):
+    """A checkpoint saved with transformers' fused expert tensors streams to the same export as the per-expert one."""
+    model = tiny_models.model("mixtral")
+    per_expert = save_checkpoint(model, tmp_path / "per-expert")
+    fused = save_checkpoint(model, tmp_path / "fused", save_original_format=False)
+    assert any("experts.gate_up_proj" in k for k in stored(fused)) and not any(".w1." in k for k in stored(fused))
+    plan = Plan(layers={0: KEEP, 1: [1, 3, 4, 6]})
+    assert_same_tensors(export_checkpoint(per_expert, plan, tmp_path / "a"), export_checkpoint(fused, plan, tmp_path / "b"))
+
+
+def test_shards_are_bounded_and_indexed(tmp_path, tiny_models):
+    src = save_checkpoint(tiny_models.model("olmoe"), tmp_path / "src")
+    out = export_checkpoint(src, Plan(layers={0: KEEP, 1: KEEP}), tmp_path / "out", max_shard_size=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(out.glob("model-*.safetensors"))
+    assert sorted(set(index["weight_map"].values())) == [f.name for f in files] and len(files) > 2
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            keys = handle.keys()
+            sizes = [handle.get_tensor(k).nbytes for k in keys]
+        assert all(index["weight_map"][k] == file.name for k in keys)
+        assert sum(sizes) <= 40_000 or len(keys) == 1
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in stored(out).values())
+    AutoModelForCausalLM.from_pretrained(out)  # transformers reads the index and every shard
+
+
+def test_streaming_export_refuses_like_the_in_memory_one(tmp_path, tiny_models):
+    src = save_checkpoint(tiny_models.model("mixtral"), tmp_path / "src")
+    plan = Plan(layers={0: KEEP, 1: KEEP})
+    with pytest.raises(MoEScopeError, match="inside the source model"):
+        export_checkpoint(src, plan, src / "pruned")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(MoEScopeError, match="already exists"):
+        export_checkpoint(src, plan, tmp_path / "taken")
+    with pytest.raises(MoEScopeError, match="need the same number of experts in every MoE layer"):
+        export_checkpoint(src, Plan(layers={0: KEEP, 1: [0, 1]}), tmp_path / "uneven")
+    bin_only = tmp_path / "bin"
+    bin_only.mkdir()
+    (bin_only / "config.json").write_text((src / "config.json").read_text())
+    (bin_only / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(MoEScopeError, match="not a local folder of safetensors weights"):
+        export_checkpoint(bin_only, plan, tmp_path / "from-bin")
+
+
+def test_a_checkpoint_lacking_a_tensor_is_refused(tmp_path, tiny_models):
+    src = save_checkpoint(tiny_models.model("mixtral"), tmp_path / "src")
+    tensors = stored(src)
+    del tensors["model.layers.1.self_attn.q_proj.weight"]
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MoEScopeError, match=r"lacks tensors the pruned model needs \(1, e.g. "
+                                            r"model.layers.1.self_attn.q_proj.weight\)"):
+        export_checkpoint(src, Plan(layers={0: KEEP, 1: KEEP}), tmp_path / "out")
+
+
+def test_interrupted_streaming_export_leaves_nothing(tmp_path, tiny_models, monkeypatch):
+    src = save_checkpoint(tiny_models.model("mixtral"), tmp_path / "src")
+    real_add = checkpoint_writer.ShardedWriter.add
+    written = []
+
+    def add_then_fail(self, name, tensor):
+        real_add(self, name, tensor)
+        written.append(name)
+        if len(written) == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_writer.ShardedWriter, "add", add_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        export_checkpoint(src, Plan(layers={0: KEEP, 1: KEEP}), tmp_path / "out", max_shard_size="10KB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+class SpyOpen:
+    """``safetensors.safe_open`` that records every tensor read."""
+
+    reads: ClassVar[list[str]] = []
+
+    def __init__(self, path, framework="pt", device="cpu"):
+        self._handle = REAL_SAFE_OPEN(path, framework=framework, device=device)
+
+    def get_tensor(self, key):
+        SpyOpen.reads.append(key)
+        return self._handle.get_tensor(key)
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._handle.__exit__(*exc)
+
+
+REAL_SAFE_OPEN = safe_open
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3", "ernie4_5_moe", "phimoe"])
+def test_weights_digest_reads_only_router_tensors(model_type, tmp_path, tiny_models, monkeypatch):
+    import safetensors
+
+    model = tiny_models.model(model_type).to(torch.bfloat16)
+    src = save_checkpoint(model, tmp_path / "src", max_shard_size="20KB")
+    mm = load_model(src, dtype="fp32")
+    in_memory = MoEModel(mm.model, source="tiny-in-memory").weights_digest()  # today's digest: read from the model
+    SpyOpen.reads = []
+    monkeypatch.setattr(safetensors, "safe_open", SpyOpen)
+    assert mm.weights_digest() == in_memory
+    router_tensors = sum(len(layer.router.state_dict()) for layer in mm.layers)
+    assert len(SpyOpen.reads) == len(set(SpyOpen.reads)) == router_tensors  # each router tensor once, nothing else
+    assert not any("experts" in read or "proj" in read or "embed" in read for read in SpyOpen.reads)
+    for layer in mm.layers:  # routers changed in memory only: the digest, read from the shards, stays
+        torch.nn.init.zeros_(next(layer.router.parameters()))
+    assert mm.weights_digest() == in_memory != MoEModel(mm.model, source="tiny-in-memory").weights_digest()
+
+
+def test_probs_router_mapping_is_refused_not_written_as_logits(tmp_path, tiny_models):
+    src = save_checkpoint(tiny_models.model("mixtral"), tmp_path / "src")
+    plan = merge_plan([0, 1], seed=4)
+    plan.router_mapping = "probs"
+    for export in (lambda out: export_checkpoint(src, plan, out),
+                   lambda out: export_pruned(load_model(src), plan, out, streaming=False)):
+        with pytest.raises(MoEScopeError, match="'probs' router mapping cannot be exported yet"):
+            export(tmp_path / "out")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
