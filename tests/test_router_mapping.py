@@ -104,3 +104,50 @@ def test_router_mapping_field_round_trips_and_defaults_to_logits():
     bad = json.loads(plan.to_json()) | {"router_mapping": "softmax"}
     with pytest.raises(MoEScopeError, match="router_mapping"):
         Plan.from_dict(bad)
+
+
+# ----- a linear router fitted to a probs-mapped plan, for export --------------------------------------------
+TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, this is a tiny model",
+         "1 + 2 = 3 and 4 + 5 = 9", "abcdefghijklmnopqrstuvwxyz", "merging experts by evolution"] * 4
+
+
+def _probs_plan(mm, keep, noise: float, seed: int = 0) -> Plan:
+    torch.manual_seed(seed)
+    router_map = torch.eye(8)[keep] + noise * torch.randn(len(keep), 8)
+    experts_map = torch.eye(8)[keep]
+    merge = {str(i): _merge_json(router_map.tolist(), experts_map.tolist()) for i in mm.layer_indices}
+    return Plan(layers={i: keep for i in mm.layer_indices}, extra={"merge": merge, "router_mapping": "probs"})
+
+
+def test_fitted_router_is_exact_for_one_hot_mapping_and_reports_agreement():
+    from core.router_fit import fit_plan_routers
+
+    from .tiny_models import char_tokenizer
+
+    mm = MoEModel(build("mixtral"), tokenizer=char_tokenizer())
+    fits = fit_plan_routers(mm, _probs_plan(mm, [0, 2, 5, 7], 0.0), TEXTS, min_agreement=1.0)
+    # one-hot R: log p' minus its mean is the kept rows of W x centred, a linear function: fitted exactly
+    assert sorted(fits) == mm.layer_indices
+    assert all(f.agreement == 1.0 and f.state["weight"].shape == (4, 32) for f in fits.values())
+    noisy = fit_plan_routers(mm, _probs_plan(mm, [0, 2, 5, 7], 0.3), TEXTS, min_agreement=0.0)
+    report = noisy[0].report()
+    tokens = sum(len(mm.tokenizer(t)["input_ids"]) for t in TEXTS)  # every real token reached the router
+    assert report["fit_tokens"] + report["held_out_tokens"] == tokens
+    assert report["held_out_tokens"] == round(0.25 * tokens)  # a quarter held out
+    assert 0.0 < report["top_k_agreement"] < 1.0  # sigma 0.3 noise: not linear any more, but mostly fitted
+
+
+def test_fitted_router_below_the_threshold_is_refused_in_one_sentence():
+    from core.router_fit import fit_plan_routers
+
+    from .tiny_models import char_tokenizer
+
+    mm = MoEModel(build("mixtral"), tokenizer=char_tokenizer())
+    plan = _probs_plan(mm, [0, 2, 5, 7], 0.3)
+    agreement = fit_plan_routers(mm, plan, TEXTS, min_agreement=0.0)[0].agreement
+    with pytest.raises(MoEScopeError, match=r"only .*% of \d+ held-out tokens \(threshold 100\.1%\)") as err:
+        fit_plan_routers(mm, plan, TEXTS, min_agreement=1.001)
+    assert "\n" not in str(err.value)
+    assert fit_plan_routers(mm, plan, TEXTS, min_agreement=agreement)[0].agreement == agreement  # at it: accepted
+    with pytest.raises(MoEScopeError, match="router_mapping probs"):
+        fit_plan_routers(mm, Plan(layers={0: [0, 1, 2, 3]}), TEXTS)
