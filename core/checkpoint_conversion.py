@@ -76,15 +76,35 @@ class ModelView:
                 group = self.groups.setdefault(renamed, TensorGroup(renamed, WeightRenaming(key, renamed)))
             group.entries.append((renamed, key, pattern))
 
-    def realize(self, group: TensorGroup, meta: bool = False) -> dict[str, torch.Tensor]:
-        """The group's tensors under their model names, read from the shards now (or as meta tensors)."""
+    def realize(self, group: TensorGroup, meta: bool = False,
+                entries: list[tuple[str, str, str]] | None = None) -> dict[str, torch.Tensor]:
+        """The group's tensors under their model names, read from the shards now (or as meta tensors).
+        ``entries``: read only these of the group's entries (see ``stacked_positions``)."""
         read: Callable[[str], torch.Tensor] = self.checkpoint.meta_tensor if meta else self.checkpoint.tensor
         transform = copy.deepcopy(group.template)
-        for model_key, key, pattern in group.entries:
+        for model_key, key, pattern in group.entries if entries is None else entries:
             transform.add_tensor(model_key, key, pattern, functools.partial(read, key))
         with torch.no_grad():
             realized = transform.convert(group.first_key, model=self.model, config=self.model.config)
         return {name: value[0] if isinstance(value, list) else value for name, value in realized.items()}
+
+
+def stacked_positions(group: TensorGroup, count: int) -> list[list[tuple[str, str, str]]] | None:
+    """For a group that transformers fuses by stacking ``count`` checkpoint tensors per pattern on a new axis 0
+    (``MergeModulelist(dim=0)`` first: per-expert tensors becoming one tensor of all experts), its entries by
+    position on that axis; else None. Realising the entries of some positions gives exactly those rows of the
+    fused tensor (stacking is in the order collected, which is this order)."""
+    from transformers.core_model_loading import MergeModulelist
+
+    operations = getattr(group.template, "operations", None)
+    if not operations or not isinstance(operations[0], MergeModulelist) or operations[0].dim != 0:
+        return None
+    by_pattern: dict[str, list[tuple[str, str, str]]] = {}
+    for entry in group.entries:
+        by_pattern.setdefault(entry[2], []).append(entry)
+    if any(len(entries) != count for entries in by_pattern.values()):
+        return None
+    return [[entries[i] for entries in by_pattern.values()] for i in range(count)]
 
 
 def to_checkpoint_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

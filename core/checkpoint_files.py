@@ -3,7 +3,9 @@ tensor's bytes are read only when it is asked for, one tensor at a time (``safet
 
 from __future__ import annotations
 
+import collections
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Self
 
@@ -42,6 +44,7 @@ class SafetensorsCheckpoint:
                                 f"checkpoints can be read shard by shard.")
         check_safetensors_files(self.folder)  # one sentence naming a missing or damaged shard
         self._handles: dict[Path, object] = {}
+        self._left: collections.Counter[Path] | None = None
         index = self.folder / SAFE_INDEX
         if index.is_file():
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -75,7 +78,18 @@ class SafetensorsCheckpoint:
     # ----- reading ---------------------------------------------------------------------------------------------
     def tensor(self, key: str) -> torch.Tensor:
         """The tensor's values, read from its shard now."""
-        return self._handle(self.file_of[key]).get_tensor(key)
+        path = self.file_of[key]
+        tensor = self._handle(path).get_tensor(key)
+        if self._left is not None and path in self._left:
+            self._left[path] -= 1
+            if self._left[path] <= 0:  # its last planned read: close it (tensors read from it stay valid)
+                self._close(path)
+        return tensor
+
+    def plan_reads(self, keys: Iterable[str]) -> None:
+        """Say which tensors will be read (each once), so each file is closed after its last: safetensors maps
+        a file while it is open, and every page read from it stays in this process's memory until then."""
+        self._left = collections.Counter(self.file_of[key] for key in keys)
 
     def meta_tensor(self, key: str) -> torch.Tensor:
         """A tensor of the right shape and dtype on the meta device: what :meth:`tensor` would give, without data."""
@@ -89,12 +103,15 @@ class SafetensorsCheckpoint:
             self._handles[path] = safe_open(str(path), framework="pt")
         return self._handles[path]
 
+    def _close(self, path: Path) -> None:
+        handle = self._handles.pop(path, None)
+        exit_ = getattr(handle, "__exit__", None)
+        if exit_ is not None:
+            exit_(None, None, None)
+
     def close(self) -> None:
-        for handle in self._handles.values():
-            exit_ = getattr(handle, "__exit__", None)
-            if exit_ is not None:
-                exit_(None, None, None)
-        self._handles.clear()
+        for path in list(self._handles):
+            self._close(path)
 
     def __enter__(self) -> Self:
         return self

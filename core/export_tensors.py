@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, MoELayer
-from .checkpoint_conversion import ModelView, to_checkpoint_names
+from .checkpoint_conversion import ModelView, TensorGroup, stacked_positions, to_checkpoint_names
 from .errors import MoEScopeError
 from .masking import mapped_router_state, merged_expert_tensor, slice_router_state
 from .plan import Plan
@@ -105,9 +105,13 @@ class PrunedTensorStream:
     def tensors(self, meta: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """(checkpoint name, tensor) of the pruned checkpoint in a fixed order; ``meta``: shapes only."""
         pending: dict[int, dict[str, torch.Tensor]] = {}
+        reads = {group.first_key: self._reads(group) for group in self.view.groups.values()}
+        if not meta:  # each shard is closed once its last tensor is read, so its pages leave memory
+            self.view.checkpoint.plan_reads(key for entries, _ in reads.values() for _, key, _ in entries)
         for group in self.view.groups.values():
+            entries, kept_only = reads[group.first_key]
             try:
-                model_tensors = self.view.realize(group, meta=meta)
+                model_tensors = self.view.realize(group, meta=meta, entries=entries)
             except Exception as exc:  # noqa: BLE001 - transformers' conversion failing on this checkpoint
                 raise MoEScopeError(f"transformers could not convert the checkpoint tensors of {group.first_key} "
                                     f"({type(exc).__name__}: {exc}); export needs a checkpoint that "
@@ -121,7 +125,8 @@ class PrunedTensorStream:
                 if owner is None:
                     out[key] = tensor
                 elif owner[0] == "experts":
-                    out[key] = exported_expert_tensor(tensor, self.plan, owner[1].index, self.n_experts)
+                    out[key] = tensor if kept_only else exported_expert_tensor(tensor, self.plan, owner[1].index,
+                                                                               self.n_experts)
                 else:
                     pending.setdefault(owner[1].index, {})[owner[2]] = tensor
             for index in [i for i, state in pending.items() if set(state) == self.router_names[i]]:
@@ -133,6 +138,18 @@ class PrunedTensorStream:
             missing = sorted(self.router_names[layer] - set(state))
             raise MoEScopeError(f"The checkpoint lacks the router tensor {missing[0]} of layer {layer}; "
                                 f"re-save it with save_pretrained.")
+
+    def _reads(self, group: TensorGroup) -> tuple[list[tuple[str, str, str]], bool]:
+        """The group's checkpoint entries to read, and whether they are the kept experts only: a pruned layer's
+        per-expert tensors that transformers stacks are read for the kept experts alone (the stacked result is
+        the sliced tensor, bit for bit), so the others are never read."""
+        owner = self._owner(group.first_key)
+        if owner is None or owner[0] != "experts" or owner[1].index in self.plan.merge:
+            return group.entries, False
+        positions = stacked_positions(group, self.n_experts)
+        if positions is None:
+            return group.entries, False
+        return [entry for i in self.plan.keep(owner[1].index, self.n_experts) for entry in positions[i]], True
 
     def _router(self, index: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prefix, layer = next((p, owner[1]) for p, owner in self.owner.items()

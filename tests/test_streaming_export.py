@@ -286,3 +286,17 @@ def test_probs_router_mapping_is_refused_not_written_as_logits(tmp_path, tiny_mo
         with pytest.raises(MoEScopeError, match="'probs' router mapping cannot be exported yet"):
             export(tmp_path / "out")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_pruned_experts_are_never_read(tmp_path, tiny_models, monkeypatch):
+    """Slicing a per-expert checkpoint reads the kept experts' tensors only; every other tensor once."""
+    import safetensors
+
+    src = save_checkpoint(tiny_models.model("mixtral"), tmp_path / "src", max_shard_size="20KB")
+    everything = stored(src)
+    SpyOpen.reads = []
+    monkeypatch.setattr(safetensors, "safe_open", SpyOpen)
+    export_checkpoint(src, Plan(layers={0: KEEP, 1: KEEP}), tmp_path / "out")
+    dropped = [k for k in everything if any(f".experts.{e}." in k for e in (1, 3, 4, 6))]
+    assert len(dropped) == 2 * 4 * 3 and not set(dropped) & set(SpyOpen.reads)
+    assert sorted(SpyOpen.reads) == sorted(set(everything) - set(dropped))
