@@ -156,3 +156,13 @@ def test_eep_breaks_metric_ties_by_likelihood_and_reranks_on_validation(mm, tmp_
     no_dev = make_method("eep", population=3, offspring=2, generations=1, merge_generations=0, seed=0).plan(
         mm, Calibration(_exact_task(tmp_path / "x", splits=("calibration",))), Target(keep=4))
     assert no_dev.extra["validation"] == {"split": None, "reason": "task has no 'validation' split"}
+
+
+def test_a_merging_genome_is_plain_pruning_only_on_distinct_balanced_one_hot_rows():
+    from core.methods.eep import _kept_sets
+
+    a, b = one_hot((0, 5), 8), one_hot((5, 5), 8)
+    assert _kept_sets(((a, a),), 8, 1) == ((0, 5),)
+    assert _kept_sets(((b, b),), 8, 1) is None  # two merged experts both copies of expert 5
+    assert _kept_sets(((a, one_hot((1, 5), 8)),), 8, 1) is None  # router and experts differ
+    assert _kept_sets(((one_hot((0, 1), 8),) * 2,), 8, 2) is None  # both in routing group 0 of 2

@@ -110,8 +110,9 @@ class EEP(Described):
                         top_k=target.top_k)
 
         def merging_plan(genome: Genome) -> Plan:
-            if all(_one_hot_pair(router, experts) for router, experts in genome):
-                return pruning_plan(tuple(tuple(int(np.argmax(r)) for r in experts) for _, experts in genome))
+            kept_sets = _kept_sets(genome, mm.n_experts, spread)
+            if kept_sets is not None:  # equal one-hot matrices: plain pruning
+                return pruning_plan(kept_sets)
             slotted = [assign_slots(router, experts, mm.n_experts, spread) for router, experts in genome]
             plan = Plan(layers={layer: kept for (kept, _, _), group in zip(slotted, groups) for layer in group},
                         top_k=target.top_k)
@@ -226,6 +227,16 @@ class EEP(Described):
         return run(state, lambda s: s.save(path))
 
 
-def _one_hot_pair(router: Any, experts: Any) -> bool:
-    """Whether a group's matrices are plain pruning: equal one-hot rows."""
-    return router == experts and all(sorted(row)[-1] == 1.0 and sum(x != 0 for x in row) == 1 for row in experts)
+def _kept_sets(genome: Genome, n: int, routing_groups: int) -> Genome | None:
+    """The pruning a merging genome amounts to, or None: every group's router and expert matrices equal, one-hot,
+    on distinct experts balanced over the routing groups (row-wise crossover can put two rows on one expert)."""
+    out = []
+    for router, experts in genome:
+        if router != experts or not all(max(row) == 1.0 and sum(x != 0 for x in row) == 1 for row in experts):
+            return None
+        kept = sorted(int(np.argmax(row)) for row in experts)
+        per_group = [sum(e // (n // routing_groups) == g for e in kept) for g in range(routing_groups)]
+        if len(set(kept)) != len(kept) or len(set(per_group)) != 1:
+            return None
+        out.append(tuple(kept))
+    return tuple(out)

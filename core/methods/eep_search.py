@@ -148,14 +148,16 @@ def search(fitness: Callable[[Genome], Fitness], first_generation: Callable[[np.
     say = progress or (lambda *_: None)
     stop = should_stop or (lambda: False)
     archive: list[tuple[Genome, Fitness]] = [(_tuples(g), _fitness(f)) for g, f in state.archive]
-    total = max(1, offspring * generations + (0 if archive else 30))
+    # the steps this phase will have taken at its end, for progress: the start plus every generation's steps
+    total = [max(1, len(archive) - offspring * state.generation + offspring * generations)]
 
     def evaluate(genome: Genome) -> Fitness:
         key = genome_key(genome)
         if key not in state.cache:
             state.cache[key] = _fitness(fitness(genome))
             state.evaluations += 1
-            say(f"generation {state.generation}: {state.evaluations} evaluations", min(1.0, len(archive) / total))
+            done = min(1.0, (len(archive) + 1) / total[0])
+            say(f"generation {state.generation}: {state.evaluations} evaluations", done)
         return state.cache[key]
 
     def record() -> None:
@@ -182,7 +184,9 @@ def search(fitness: Callable[[Genome], Fitness], first_generation: Callable[[np.
 
     if not archive:
         archive.extend((_tuples(g), _fitness(f)) for g, f in start_archive)
-        for genome in first_generation(rng):
+        genomes = first_generation(rng)
+        total[0] = max(1, len(archive) + len(genomes) + offspring * generations)
+        for genome in genomes:
             if stop():
                 return cancel()
             archive.append((genome, evaluate(genome)))
