@@ -103,7 +103,7 @@ class StreamingExport:
         from .export import pruned_config
         from .model import MoEModel
 
-        self.source = Path(source)
+        self.source, self.source_name = Path(source), str(source)  # the name as given is what the plan records
         if not has_safetensors(self.source):
             raise MoEScopeError(f"{source} is not a local folder of safetensors weights; streaming export reads "
                                 f"safetensors shards (load the model and export it in memory instead).")
@@ -111,7 +111,7 @@ class StreamingExport:
         self.checkpoint = SafetensorsCheckpoint(self.source)
         main = next(loaded.parameters()).dtype if loaded is not None else dtype or _auto_dtype(config, self.checkpoint)
         self.dtype = main  # what config.json records, as save_pretrained of the pruned model would
-        self.original = MoEModel(meta_model(config, main), source=str(self.source))
+        self.original = MoEModel(meta_model(config, main), source=self.source_name)
         validate_plan(plan, self.original.routing_spec(), for_export=True)
         self.plan = plan
         self.pruned = meta_model(pruned_config(self.original, plan), main)
@@ -156,7 +156,7 @@ class StreamingExport:
 
         say = progress or (lambda _msg: None)
         shard_bytes = parse_size(max_shard_size)
-        sources = (str(self.source), *sources)
+        sources = (self.source_name, *sources)
         out_dir = check_output(out_dir, "export", overwrite, sources=sources)
         with output_lock(out_dir), atomic_directory(check_output(out_dir, "export", overwrite, sources=sources)) as tmp:
             self._write_config(tmp)
@@ -174,7 +174,7 @@ class StreamingExport:
                 tokenizer = _source_tokenizer(self.source)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            save_export_plan(self.plan, str(self.source), tmp)
+            save_export_plan(self.plan, self.source_name, tmp)
         say(f"wrote {out_dir}")
         return out_dir
 
