@@ -300,3 +300,26 @@ def test_pruned_experts_are_never_read(tmp_path, tiny_models, monkeypatch):
     dropped = [k for k in everything if any(f".experts.{e}." in k for e in (1, 3, 4, 6))]
     assert len(dropped) == 2 * 4 * 3 and not set(dropped) & set(SpyOpen.reads)
     assert sorted(SpyOpen.reads) == sorted(set(everything) - set(dropped))
+
+
+def offloaded(src: Path, model, folder: Path):
+    """The checkpoint in ``src`` loaded with its last decoder layer offloaded to disk by accelerate."""
+    mm = MoEModel(model)
+    top, _, attr = mm.adapter.layers_path.partition(".")  # "model", "layers" (every family: two parts)
+    n = len(mm.adapter.decoder_layers(mm.model))
+    device_map = {name: "cpu" for name, _ in mm.model.named_children() if name != top}
+    device_map |= {f"{top}.{name}": "cpu" for name, _ in mm.model.get_submodule(top).named_children() if name != attr}
+    device_map |= {f"{top}.{attr}.{i}": "disk" if i == n - 1 else "cpu" for i in range(n)}
+    return AutoModelForCausalLM.from_pretrained(src, device_map=device_map, offload_folder=str(folder)).eval()
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "dbrx", "ernie4_5_moe"])
+def test_weights_digest_of_an_offloaded_model_equals_resident(model_type, tmp_path, tiny_models):
+    """Routers offloaded to disk hold meta tensors; the digest is read from the shards, so it still exists and
+    equals the resident model's (reading the model would fail: meta tensors have no data)."""
+    model = tiny_models.model(model_type)
+    src = save_checkpoint(model, tmp_path / "src")
+    resident = MoEModel(model, source="tiny-in-memory").weights_digest()
+    off = MoEModel(offloaded(src, model, tmp_path / "offload"), source=str(src))
+    assert any(t.device.type == "meta" for layer in off.layers for t in layer.router.state_dict().values())
+    assert off.weights_digest() == resident
