@@ -67,7 +67,7 @@ def fit_logit_router(mm: MoEModel, layer: int, mapping: torch.Tensor, inputs: to
     target = torch.where(mapped > 0, mapped, floor.clamp(min=1e-38)).log().double()
     target = target - target.mean(dim=1, keepdim=True)
     order = np.random.default_rng(seed).permutation(len(inputs))
-    n_test = max(1, int(round(held_out * len(inputs)))) if len(inputs) > 1 else 0
+    n_test = max(1, round(held_out * len(inputs))) if len(inputs) > 1 else 0
     test, train = torch.as_tensor(order[:n_test]), torch.as_tensor(order[n_test:])
     x = inputs.double()
     design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) if "bias" in names else x
@@ -140,7 +140,9 @@ def fit_plan_routers(mm: MoEModel, plan: Plan, texts: list[str] | None = None,
 
 
 def _calibration_texts(plan: Plan) -> list[str]:
-    from .methods.base import Calibration  # methods import the engine, not the other way round at import time
+    from .methods.base import (
+        Calibration,  # methods import the engine, not the other way round at import time
+    )
 
     calibration = plan.provenance.calibration
     if not calibration or not calibration.get("task"):

@@ -3,6 +3,8 @@ best, resumes exactly, can be cancelled, and returns valid plans on models."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from core.errors import MoEScopeError
@@ -27,7 +29,7 @@ def test_search_finds_the_optimum_and_never_loses_its_best():
     state = evolve(overlap, n_layer_groups=3, n_experts=8, keep=4, population=12, offspring=12, generations=25,
                    threshold=0.4)
     assert state.best == (GOAL, 12.0)
-    assert all(b >= a for a, b in zip(state.curve, state.curve[1:]))
+    assert all(b >= a for a, b in itertools.pairwise(state.curve))
     assert state.curve[0] < 12.0  # random starts are not already optimal: the search did the work
     assert state.evaluations == len(state.cache) <= 12 + 12 * 25
 
@@ -73,7 +75,7 @@ def test_eep_plan_on_a_model_prunes_dead_experts(tmp_path):
     validate_plan(plan, mm.routing_spec(), for_export=True)
     assert all(len(k) == 5 for k in plan.layers.values())
     curve = plan.extra["fitness"]["curve"]
-    assert all(b <= a for a, b in zip(curve, curve[1:]))  # metric is NLL: lower is better, never worse
+    assert all(b <= a for a, b in itertools.pairwise(curve))  # metric is NLL: lower is better, never worse
     assert plan.extra["fitness"]["best"] == curve[-1]
     assert plan.extra["forward_passes"] == plan.extra["evaluations"] * 5
     assert progress and progress[-1] <= 1.0
@@ -133,12 +135,12 @@ def test_merge_search_improves_on_its_start_and_never_loses_it():
     target = [[0.8, 0.3, -0.2], [0.1, 0.9, 0.2]]
 
     def closeness(genome) -> float:
-        (router, experts), = genome
+        (router, _experts), = genome
         return -sum((a - b) ** 2 for row, goal in zip(router, target) for a, b in zip(row, goal))
 
     state = evolve_merge(closeness, [(start, closeness(start))], offspring=8, generations=30, sigma=0.05,
                          threshold=0.05)
-    assert all(b >= a for a, b in zip(state.curve, state.curve[1:]))
+    assert all(b >= a for a, b in itertools.pairwise(state.curve))
     assert state.best[1] > closeness(start) + 0.1  # real progress towards the target, not just noise
 
 
@@ -158,7 +160,7 @@ def test_eep_with_merging_exports_what_it_evaluated(tmp_path):
                        router_mapping="logits", parent_threshold=0.02).plan(mm, task, Target(keep=4))
     validate_plan(plan, mm.routing_spec(), for_export=True)
     curve = plan.extra["fitness"]["curve"]
-    assert all(b <= a for a, b in zip(curve, curve[1:]))  # NLL never worse across both phases
+    assert all(b <= a for a, b in itertools.pairwise(curve))  # NLL never worse across both phases
     assert plan.extra["merge_generations_done"] == 3
     assert "merge" in plan.extra  # on this tiny model merging found a better calibration NLL than pruning
     x = torch.tensor([[5, 6, 7, 8, 9, 10]])

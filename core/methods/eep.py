@@ -41,7 +41,16 @@ from ..evaluation import Evaluator
 from ..model import MoEModel
 from ..plan import Plan
 from ..router_mapping import check_mapping, probs_normalisation
-from .base import RUNTIME, SEARCH, Calibration, Described, ProgressFn, Target, finish_plan, top_experts
+from .base import (
+    RUNTIME,
+    SEARCH,
+    Calibration,
+    Described,
+    ProgressFn,
+    Target,
+    finish_plan,
+    top_experts,
+)
 from .eep_operators import assign_slots, evolve, evolve_merge, merging_genome
 from .eep_search import Fitness, Genome, Ranked, SearchState, genome_key, metric_of
 from .usage import Frequency
@@ -127,7 +136,7 @@ class EEP(Described):
             value = sign * result.metrics[metric]
             return (value, result.metrics["answer_logprob"]) if tie else value
 
-        common = dict(seed=self.seed, should_stop=self.should_stop)
+        common = {"seed": self.seed, "should_stop": self.should_stop}
         start, start_passes = self._start(mm, calibration, groups, keep)
         phase1 = self._run(lambda s, save: evolve(
             lambda g: score(pruning_plan(g)), len(groups), mm.n_experts, keep, spread,

@@ -25,7 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from .eep_search import Fitness, Genome, Ranked, SearchState, changed_groups, parent_pool, search
+from .eep_search import (
+    Fitness,
+    Genome,
+    Ranked,
+    SearchState,
+    changed_groups,
+    parent_pool,
+    search,
+)
 
 
 def _pick(ranked: Ranked, threshold: float, rng: np.random.Generator, floor: int = 0) -> Genome:

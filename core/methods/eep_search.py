@@ -73,7 +73,7 @@ class SearchState:
         atomic_write_text(path, json.dumps(asdict(self)) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "SearchState":
+    def load(cls, path: Path) -> SearchState:
         try:
             data = json.loads(path.read_text())
             if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
