@@ -6,12 +6,12 @@ place only when complete.
 
 Two ways to the same tensors (``core.export_tensors`` decides each one for both):
 
-- **streaming** (``core.streaming_export``), used whenever the model was loaded from a local folder of
-  safetensors: the shards are read and the pruned shards written one tensor group at a time, so memory holds
-  a layer's experts at most, never a second model;
-- **in memory**: a pruned model is built from the loaded one and saved with ``save_pretrained``; used for
-  models without such a folder (built in memory, ``.bin`` weights, a hub id) or loaded in another dtype or
-  layout than the files hold.
+- **streaming** (``core.streaming_export``) from a local folder of safetensors, the model never loaded
+  (``export_checkpoint``) or loaded (``export_pruned(..., streaming=None)``): the shards are read and the pruned
+  shards written one tensor group at a time, so memory holds a layer's kept experts at most, never a model;
+- **in memory** (``export_pruned``'s default): a pruned model is built from the loaded one and saved with
+  ``save_pretrained``; the only way for models without such a folder (built in memory, ``.bin`` weights, a hub
+  id) or loaded in another layout than the files hold.
 """
 
 from __future__ import annotations
@@ -74,15 +74,16 @@ def build_pruned_model(mm: MoEModel, plan: Plan, device: str | torch.device = "c
 
 
 def export_pruned(mm: MoEModel, plan: Plan, out_dir: str | Path, overwrite: bool = False,
-                  progress: Callable[[str], None] | None = None, streaming: bool | None = None,
+                  progress: Callable[[str], None] | None = None, streaming: bool | None = False,
                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write the pruned checkpoint (config, safetensors, tokenizer, plan) to ``out_dir`` atomically.
 
     ``out_dir`` must be new, or an earlier MoEScope export when ``overwrite``; it may never be, hold or lie
     inside the source model (``core.outputs.check_output``). It is locked for the export.
-    ``streaming``: None streams from the source's safetensors shards when the loaded model holds them as stored
-    (same names, shapes and dtypes), else builds the pruned model in memory; True insists on streaming, False
-    on memory. ``max_shard_size`` bounds the streamed shards.
+    ``streaming``: False (the default, for now) builds the pruned model in memory; None streams from the source's
+    safetensors shards when the loaded model holds their tensors under the same names and shapes, else builds it
+    in memory; True insists on streaming. ``max_shard_size`` bounds the streamed shards. (The CLI exports a
+    local safetensors folder with ``core.streaming_export.export_checkpoint`` directly, never loading it.)
     """
     validate_plan(plan, mm.routing_spec(), for_export=True)
     say = progress or (lambda _msg: None)

@@ -112,7 +112,8 @@ def test_export_pruned_streams_from_the_loaded_models_shards(tmp_path, tiny_mode
     mm = load_model(src, dtype="bf16")
     plan = Plan(layers={i: KEEP for i in mm.layer_indices}, top_k=1)
     said: list[str] = []
-    streamed = export_pruned(mm, plan, tmp_path / "streamed", progress=said.append, max_shard_size="100KB")
+    streamed = export_pruned(mm, plan, tmp_path / "streamed", progress=said.append, max_shard_size="100KB",
+                             streaming=None)
     assert any("streaming from the safetensors shards" in m for m in said)
     assert any(m.startswith("shard 1 of") and "tensors" in m and "MB" in m for m in said)
     assert_same_tensors(export_pruned(mm, plan, tmp_path / "memory", streaming=False), streamed)
@@ -128,7 +129,8 @@ def test_export_pruned_streams_from_the_loaded_models_shards(tmp_path, tiny_mode
 def test_in_memory_models_keep_the_in_memory_export(tmp_path, tiny_models):
     mm = MoEModel(tiny_models.model("mixtral"), source="tiny-in-memory")
     said: list[str] = []
-    export_pruned(mm, Plan(layers={i: KEEP for i in mm.layer_indices}), tmp_path / "out", progress=said.append)
+    export_pruned(mm, Plan(layers={i: KEEP for i in mm.layer_indices}), tmp_path / "out", progress=said.append,
+                  streaming=None)
     assert "slicing experts and building the pruned model" in said
     with pytest.raises(MoEScopeError, match="not a local folder of safetensors weights"):
         export_pruned(mm, Plan(layers={}), tmp_path / "again", streaming=True)
