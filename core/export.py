@@ -27,6 +27,7 @@ from .adapters import set_field
 from .atomic import atomic_directory
 from .checkpoint_files import has_safetensors
 from .checkpoint_writer import DEFAULT_MAX_SHARD_SIZE
+from .errors import MoEScopeError
 from .export_tensors import exported_expert_tensor, exported_router_state
 from .model import MoEModel
 from .outputs import EXPORT_MARKER, check_output, output_lock
@@ -92,12 +93,21 @@ def export_pruned(mm: MoEModel, plan: Plan, out_dir: str | Path, overwrite: bool
     if streaming is not False and (streaming or has_safetensors(mm.source)):
         from .streaming_export import StreamingExport
 
-        job = StreamingExport(mm.source, plan, loaded=mm.model)
-        if streaming or job.matches(mm.model):
+        try:
+            job = StreamingExport(mm.source, plan, loaded=mm.model)
+        except MoEScopeError:
+            if streaming:
+                raise
+            job = None  # a checkpoint the streaming export cannot read as the model holds it: build in memory
+        if job is not None and job.matches(mm.model):
             say(f"streaming from the safetensors shards of {mm.source}")
             return job.write(out_dir, overwrite=overwrite, progress=progress, max_shard_size=max_shard_size,
                              tokenizer=mm.tokenizer, sources=tuple(sources[1:]))
-        job.checkpoint.close()
+        if job is not None:
+            job.checkpoint.close()
+        if streaming:
+            raise MoEScopeError(f"The safetensors in {mm.source} do not hold the loaded model's tensors (names or "
+                                f"shapes differ: changed since loading?); export it in memory.")
     with output_lock(out_dir), atomic_directory(check_output(out_dir, "export", overwrite, sources=sources)) as tmp:
         say("slicing experts and building the pruned model")
         pruned = build_pruned_model(mm, plan)

@@ -156,6 +156,8 @@ class StreamingExport:
 
         say = progress or (lambda _msg: None)
         shard_bytes = parse_size(max_shard_size)
+        if tokenizer is _READ_FROM_SOURCE:  # read before anything is written: a damaged one fails first
+            tokenizer = _source_tokenizer(self.source)
         sources = (self.source_name, *sources)
         out_dir = check_output(out_dir, "export", overwrite, sources=sources)
         with output_lock(out_dir), atomic_directory(check_output(out_dir, "export", overwrite, sources=sources)) as tmp:
@@ -170,8 +172,6 @@ class StreamingExport:
                 writer.close()
                 self.checkpoint.close()
             writer.finish(sum(torch.Size(s.shape).numel() for s in self.specs))
-            if tokenizer is _READ_FROM_SOURCE:
-                tokenizer = _source_tokenizer(self.source)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             save_export_plan(self.plan, self.source_name, tmp)
@@ -193,12 +193,19 @@ class StreamingExport:
 
 
 def _source_tokenizer(source: Path) -> Any:
+    """The source's tokenizer as ``load_model`` reads it: None without tokenizer files, one sentence if damaged."""
     from transformers import AutoTokenizer
+
+    from .model_checks import tokenizer_error
 
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, UnicodeDecodeError):
+            raise tokenizer_error(exc, str(source)) from None
         return None  # no tokenizer files: the export has none either
+    except Exception as exc:  # noqa: BLE001 - a damaged tokenizer file (KeyError, tokenizers' own exception)
+        raise tokenizer_error(exc, str(source)) from None
 
 
 def _size(n: int) -> str:

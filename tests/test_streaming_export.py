@@ -325,3 +325,26 @@ def test_weights_digest_of_an_offloaded_model_equals_resident(model_type, tmp_pa
     off = MoEModel(offloaded(src, model, tmp_path / "offload"), source=str(src))
     assert any(t.device.type == "meta" for layer in off.layers for t in layer.router.state_dict().values())
     assert off.weights_digest() == resident
+
+
+def test_a_damaged_tokenizer_is_refused_before_anything_is_written(tmp_path, tiny_models):
+    src = save_checkpoint(tiny_models.model("mixtral"), tmp_path / "src")
+    (src / "tokenizer.json").write_text('{"a": 1}')  # as tests/test_model_validation.py damages it
+    with pytest.raises(MoEScopeError, match="Could not read the tokenizer files in"):
+        export_checkpoint(src, Plan(layers={0: KEEP, 1: KEEP}), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_streaming_none_builds_in_memory_when_the_shards_no_longer_match(tmp_path, tiny_models):
+    """The folder changed after loading (other shapes on disk): export_pruned(streaming=None) exports the model
+    in memory instead; streaming=True refuses in one sentence."""
+    src = save_checkpoint(tiny_models.model("mixtral"), tmp_path / "src")
+    mm = load_model(src)
+    tiny_models.model("mixtral", hidden_size=48).save_pretrained(src)
+    plan = Plan(layers={0: KEEP, 1: KEEP})
+    said: list[str] = []
+    out = export_pruned(mm, plan, tmp_path / "auto", streaming=None, progress=said.append)
+    assert "slicing experts and building the pruned model" in said
+    assert_same_tensors(out, export_pruned(mm, plan, tmp_path / "memory"))
+    with pytest.raises(MoEScopeError, match="do not hold the loaded model's tensors"):
+        export_pruned(mm, plan, tmp_path / "streamed", streaming=True)
