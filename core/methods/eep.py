@@ -51,6 +51,7 @@ from .base import (
     finish_plan,
     top_experts,
 )
+from .eep_distributed import collective_stop, split_evaluator, world
 from .eep_operators import assign_slots, evolve, evolve_merge, merging_genome
 from .eep_search import Fitness, Genome, Ranked, SearchState, genome_key, metric_of
 from .usage import Frequency
@@ -88,6 +89,7 @@ class EEP(Described):
     validation_split: str = "validation"
     tie_break: bool = True  # generative tasks: ties of the metric broken by the reference answer's log-likelihood
     layer_groups: int = 4
+    batched: bool = False  # a generation's children from one archive snapshot: what torchrun runs (eep_distributed)
     init: str = "random"  # "frequency": the frequency baseline's kept sets join the random first generation
     seed: int = 0
     metric: str | None = None  # default: the task's primary metric (f1, exact_match, accuracy, -nll)
@@ -107,7 +109,9 @@ class EEP(Described):
         sign = -1.0 if metric == "nll" else 1.0
         tie = self.tie_break and calibration.task.metric in GENERATIVE
         evaluator = Evaluator(mm, batch_size=self.batch_size, cache_size=4)
-        say = progress or (lambda *_: None)
+        rank, processes = world()
+        distributed, batched = processes > 1, self.batched or processes > 1
+        say = progress if progress is not None and rank == 0 else (lambda *_: None)
         merging = self.merge_generations > 0
         mapping = self.router_mapping
         if mapping == "probs" and probs_normalisation(mm.adapter, mm.config) is None:
@@ -136,14 +140,18 @@ class EEP(Described):
             value = sign * result.metrics[metric]
             return (value, result.metrics["answer_logprob"]) if tie else value
 
-        common = {"seed": self.seed, "should_stop": self.should_stop}
+        def parallel(fitness: Callable[[Genome], Fitness]) -> Callable[[list[Genome]], list[Fitness]] | None:
+            return split_evaluator(fitness) if distributed else None
+
+        common = {"seed": self.seed, "batched": batched,
+                  "should_stop": collective_stop(self.should_stop) if distributed else self.should_stop}
         start, start_passes = self._start(mm, calibration, groups, keep)
         phase1 = self._run(lambda s, save: evolve(
             lambda g: score(pruning_plan(g)), len(groups), mm.n_experts, keep, spread,
             population=self.population, offspring=self.offspring, generations=self.generations,
             p_mutation=self.p_mutation, p_group=self.p_group, threshold=self.parent_threshold, start=start, state=s,
             on_generation=save, progress=lambda msg, f: say(f"pruning: {msg}", f / (2 if merging else 1)),
-            **common), "", None)
+            evaluate_many=parallel(lambda g: score(pruning_plan(g))), **common), "", None, rank)
         if not phase1.archive:
             raise MoEScopeError("EEP was cancelled before it evaluated any candidate; no plan to return.")
         final, make_plan, curve, evaluations = phase1, pruning_plan, list(phase1.curve), phase1.evaluations
@@ -156,15 +164,23 @@ class EEP(Described):
                 generations=self.merge_generations, p_mutation=self.merge_p_mutation, sigma=self.merge_sigma,
                 p_group=self.p_group, p_crossover=self.p_crossover, p_normalise=self.p_normalise,
                 threshold=self.parent_threshold, state=s, on_generation=save,
-                progress=lambda msg, f: say(f"merging: {msg}", 0.5 + f / 2), **common), ".merge", digest)
+                progress=lambda msg, f: say(f"merging: {msg}", 0.5 + f / 2),
+                evaluate_many=parallel(lambda g: score(merging_plan(g))), **common), ".merge", digest, rank)
             final, make_plan = phase2, merging_plan
             curve += phase2.curve
             evaluations += phase2.evaluations
         cancelled = phase1.cancelled or bool(phase2 and phase2.cancelled)
-        genome, fit, validation, validation_passes = self._validate(final.ranked(), make_plan, score, calibration,
-                                                                    cancelled)
+        def validate(genomes: list[Genome]) -> list[float]:
+            def one(g: Genome) -> float:
+                return metric_of(score(make_plan(g), self.validation_split, calibration.limit))
+            many = parallel(one)
+            return many(genomes) if many is not None else [one(g) for g in genomes]
+
+        genome, fit, validation, validation_passes = self._validate(final.ranked(), validate, calibration, cancelled)
         plan = make_plan(genome)
-        params = self.parameters() | {"metric": metric}
+        params = self.parameters() | {"metric": metric, "batched": batched}
+        if distributed:
+            params["processes"] = processes
         extra: dict[str, Any] = {"merge": plan.extra["merge"], "router_mapping": mapping} if "merge" in plan.extra else {}
         if mapping != self.router_mapping:
             extra["router_mapping_note"] = (f"{mm.adapter.family} routers have no probs mapping; merging used the "
@@ -182,8 +198,8 @@ class EEP(Described):
                            merge_generations_done=phase2.generation if phase2 else 0, cancelled=cancelled,
                            layer_groups=groups, **extra)
 
-    def _validate(self, ranked: Ranked, make_plan: Callable[[Genome], Plan], score: Callable[..., Fitness],
-                  calibration: Calibration, cancelled: bool) -> tuple[Genome, Fitness, dict[str, Any], int]:
+    def _validate(self, ranked: Ranked, validate: Callable[[list[Genome]], list[float]], calibration: Calibration,
+                  cancelled: bool) -> tuple[Genome, Fitness, dict[str, Any], int]:
         """The candidate to return: of the ``validate_top`` best distinct candidates, the one with the best
         validation metric (ties to the better calibration rank, as np.argmax in search.py's ``eval_results``);
         the calibration best when the task has no validation split (or it is the calibration split), when
@@ -202,7 +218,7 @@ class EEP(Described):
         if reason is not None:
             genome, fit = candidates[0]
             return genome, fit, {"split": None, "reason": reason}, 0
-        scores = [metric_of(score(make_plan(genome), split, calibration.limit)) for genome, _ in candidates]
+        scores = validate([genome for genome, _ in candidates])
         chosen = int(np.argmax(scores))
         rows = len(Calibration.of(calibration.task, split, calibration.limit).rows())
         genome, fit = candidates[chosen]
@@ -223,9 +239,10 @@ class EEP(Described):
         return [genome], scored.forward_passes
 
     def _run(self, run: Callable[[SearchState | None, Callable | None], SearchState], suffix: str,
-             seed_digest: str | None) -> SearchState:
-        """Run one phase, resuming from and saving to ``state_path`` (+ suffix) when one is set. A saved phase 2
-        that started from another phase-1 archive (the pruning search went on since) starts afresh."""
+             seed_digest: str | None, rank: int = 0) -> SearchState:
+        """Run one phase, resuming from and saving to ``state_path`` (+ suffix) when one is set (rank 0 writes it).
+        A saved phase 2 that started from another phase-1 archive (the pruning search went on since) starts
+        afresh."""
         fresh = SearchState(seed_digest=seed_digest)
         if not self.state_path:
             return run(fresh, None)
@@ -233,7 +250,7 @@ class EEP(Described):
         state = SearchState.load(path) if path.exists() else None
         if state is None or state.seed_digest != seed_digest:
             state = fresh
-        return run(state, lambda s: s.save(path))
+        return run(state, (lambda s: s.save(path)) if rank == 0 else None)
 
 
 def _kept_sets(genome: Genome, n: int, routing_groups: int) -> Genome | None:

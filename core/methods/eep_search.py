@@ -136,10 +136,16 @@ def search(fitness: Callable[[Genome], Fitness], first_generation: Callable[[np.
            propose: Callable[[Ranked, np.random.Generator], Genome], offspring: int, generations: int, seed: int = 0,
            state: SearchState | None = None, progress: ProgressFn | None = None,
            should_stop: Callable[[], bool] | None = None, on_generation: Callable[[SearchState], None] | None = None,
-           start_archive: Sequence[tuple[Genome, Fitness]] = ()) -> SearchState:
+           start_archive: Sequence[tuple[Genome, Fitness]] = (), batched: bool = False,
+           evaluate_many: Callable[[list[Genome]], list[Fitness]] | None = None) -> SearchState:
     """Steady-state maximisation of ``fitness``: each step ranks the archive, lets ``propose`` make one child
     from it, scores the child and adds it. The archive starts as ``start_archive`` (already scored) plus the
-    scored ``first_generation``; ``generations`` groups of ``offspring`` steps follow."""
+    scored ``first_generation``; ``generations`` groups of ``offspring`` steps follow.
+
+    ``batched``: a generation's ``offspring`` children are all proposed from the archive as it stood at the
+    generation's start, then scored together (by ``evaluate_many`` when given: the distributed search splits them
+    over processes), as the official code's parallel workers sharing one archive do; one process with
+    ``batched`` gives exactly what several give. ``evaluate_many`` implies ``batched``."""
     rng = np.random.default_rng(seed)
     state = state or SearchState()
     state.cancelled = False  # a property of one run, not of the saved search
@@ -159,6 +165,26 @@ def search(fitness: Callable[[Genome], Fitness], first_generation: Callable[[np.
             done = min(1.0, (len(archive) + 1) / total[0])
             say(f"generation {state.generation}: {state.evaluations} evaluations", done)
         return state.cache[key]
+
+    def evaluate_batch(genomes: list[Genome]) -> tuple[list[Fitness], bool]:
+        """Fitnesses of ``genomes`` (new ones scored, by ``evaluate_many`` when given) and whether it was stopped
+        (then only those scored before the stop)."""
+        if evaluate_many is None:
+            out = []
+            for genome in genomes:
+                if stop():
+                    return out, True
+                out.append(evaluate(genome))
+            return out, False
+        if stop():
+            return [], True
+        new = {genome_key(g): g for g in genomes if genome_key(g) not in state.cache}
+        for key, fit in zip(new, evaluate_many(list(new.values()))):
+            state.cache[key] = _fitness(fit)
+        state.evaluations += len(new)
+        say(f"generation {state.generation}: {state.evaluations} evaluations",
+            min(1.0, (len(archive) + len(genomes)) / total[0]))
+        return [state.cache[genome_key(g)] for g in genomes], False
 
     def record() -> None:
         state.archive = list(archive)
@@ -186,13 +212,24 @@ def search(fitness: Callable[[Genome], Fitness], first_generation: Callable[[np.
         archive.extend((_tuples(g), _fitness(f)) for g, f in start_archive)
         genomes = first_generation(rng)
         total[0] = max(1, len(archive) + len(genomes) + offspring * generations)
-        for genome in genomes:
-            if stop():
-                return cancel()
-            archive.append((genome, evaluate(genome)))
+        fits, stopped = evaluate_batch(genomes)
+        archive.extend(zip(genomes, fits))
+        if stopped:
+            return cancel()
         if not archive:
             return state
         record()
+    if batched or evaluate_many is not None:
+        while state.generation < generations:
+            ranked = [archive[i] for i in rank(archive, rng)]
+            children = [propose(ranked, rng) for _ in range(offspring)]
+            fits, stopped = evaluate_batch(children)
+            archive.extend(zip(children, fits))
+            if stopped:
+                return cancel()
+            state.generation += 1
+            record()
+        return state
     while state.generation < generations:
         for _ in range(offspring):
             if stop():
