@@ -1,0 +1,66 @@
+"""Models larger than memory (issue 14, item 2): a tiny model with its last decoder layer offloaded to disk by
+accelerate. Profiling it (no plan) records what the resident model records; its routers' digest is read from the
+shards. Masking an offloaded layer does not work yet: the strict xfails below say so until core/masking.py reads
+the router tensors that accelerate keeps off the module (see the reason)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from core.masking import masked
+from core.model import MoEModel
+from core.plan import Plan
+from core.profiling import profile_texts
+from core.routing_profile import Profile
+
+from .test_streaming_export import KEEP, merge_plan, offloaded, save_checkpoint
+from .tiny_models import char_tokenizer, ids
+
+pytestmark = pytest.mark.numeric
+TEXTS = {"prose": ["the cat sat on the mat", "a quick brown fox jumps", "seven sleepy seals"]}
+MASKING_GAP = ("core/masking.py builds the pruned router from router.state_dict(), which holds meta tensors when "
+               "accelerate offloads the layer (the real ones are in the hook's weights_map), and merged plans write "
+               "expert weights in place, which an offloaded layer reloads from its weights_map")
+
+
+def resident_and_offloaded(tmp_path, models, model_type: str) -> tuple[MoEModel, MoEModel]:
+    model = models.model(model_type)
+    src = save_checkpoint(model, tmp_path / "src")
+    resident = MoEModel(AutoModelForCausalLM.from_pretrained(src).eval(), char_tokenizer(), source=str(src))
+    off = MoEModel(offloaded(src, model, tmp_path / "offload"), char_tokenizer(), source=str(src))
+    assert any(t.device.type == "meta" for t in off.layers[-1].router.state_dict().values())
+    return resident, off
+
+
+def logits(mm: MoEModel, plan: Plan | None) -> torch.Tensor:
+    with masked(mm, plan), torch.no_grad():
+        return mm.model(input_ids=ids(2, 10, seed=8)).logits.float()
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3"])
+def test_profiling_an_offloaded_model_records_what_the_resident_one_does(model_type, tmp_path, tiny_models):
+    resident, off = resident_and_offloaded(tmp_path, tiny_models, model_type)
+    assert torch.equal(logits(off, None), logits(resident, None))
+    a = Profile(profile_texts(resident, TEXTS, tmp_path / "resident.parquet", progress=False)).to_pandas()
+    b = Profile(profile_texts(off, TEXTS, tmp_path / "offloaded.parquet", progress=False)).to_pandas()
+    assert a["experts"].map(list).tolist() == b["experts"].map(list).tolist()
+    assert Profile(tmp_path / "offloaded.parquet").meta.weights_digest == resident.weights_digest()
+
+
+@pytest.mark.xfail(strict=True, reason=MASKING_GAP)
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3"])
+def test_masking_an_offloaded_layer_equals_resident(model_type, tmp_path, tiny_models):
+    resident, off = resident_and_offloaded(tmp_path, tiny_models, model_type)
+    plan = Plan(layers={i: KEEP for i in resident.layer_indices}, top_k=1)
+    assert (logits(off, plan) - logits(resident, plan)).abs().max().item() <= 1e-5
+    assert torch.equal(logits(off, None), logits(resident, None))  # undone exactly
+
+
+@pytest.mark.xfail(strict=True, reason=MASKING_GAP)
+def test_merging_an_offloaded_layer_equals_resident(tmp_path, tiny_models):
+    resident, off = resident_and_offloaded(tmp_path, tiny_models, "mixtral")
+    plan = merge_plan(resident.layer_indices, seed=9)
+    assert (logits(off, plan) - logits(resident, plan)).abs().max().item() <= 1e-4
+    assert torch.equal(logits(off, None), logits(resident, None))
