@@ -13,7 +13,7 @@ from core.errors import MoEScopeError
 from core.evaluation import Evaluator
 from core.methods import Calibration, Target, make_method
 from core.methods.eep_operators import assign_slots, evolve, evolve_merge, one_hot
-from core.methods.eep_search import SearchState, parent_pool
+from core.methods.eep_search import SearchState, first_beyond, parent_pool
 from core.model import load_model
 from core.tasks import TaskSpec
 
@@ -69,6 +69,8 @@ def test_parent_pool_is_the_official_absolute_selection():
     assert parent_pool(ranked, 100.0) == 6  # none beyond: the whole archive
     assert parent_pool(ranked, 1.0, floor=6) == 6  # crossover's parents_rank 6 floor
     assert parent_pool([((0,), (1.0, -2.0)), ((1,), (1.0, -9.0))], 0.5) == 2  # tuples: the metric decides
+    # crossover draws from population[:max(i, 6)]: i = 2 here (47.5 is more than 1 below 50), so the top 6
+    assert first_beyond(ranked, 1.0) == 2 and first_beyond(ranked, 100.0) == 5
 
 
 def _matrices(kept, n=6):

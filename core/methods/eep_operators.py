@@ -31,6 +31,7 @@ from .eep_search import (
     Ranked,
     SearchState,
     changed_groups,
+    first_beyond,
     parent_pool,
     search,
 )
@@ -107,7 +108,8 @@ def evolve_merge(fitness: Any, archive: Sequence[tuple[Genome, Fitness]], offspr
         n_groups = len(ranked[0][0])
         # keys: the groups' expert-merging matrices, then their router mappings (search.py's weight_group order)
         flags = changed_groups(2 * n_groups, p_group, rng)
-        pool = parent_pool(ranked, crossover_threshold, crossover_rank) - 1  # crossover samples population[:i]
+        # crossover samples population[:max(i, parents_rank)] (search_utils.py crossover)
+        pool = min(max(first_beyond(ranked, crossover_threshold), crossover_rank), len(ranked))
         if rng.random() < p_crossover and pool >= 2:
             a, b = (ranked[int(i)][0] for i in rng.choice(pool, 2, replace=False))
             child = []

@@ -123,13 +123,17 @@ def parent_pool(ranked: Ranked, threshold: float, floor: int = 0) -> int:
     candidate more than ``threshold`` metric points below the best (the last one if none is), at least ``floor``,
     and draws uniformly from indices 0..i inclusive (``random.randint(0, i)``), so the first candidate beyond the
     threshold is eligible too (search.py, the ``parents_select_type == "absolute"`` branch)."""
+    return min(max(first_beyond(ranked, threshold), floor), len(ranked) - 1) + 1
+
+
+def first_beyond(ranked: Ranked, threshold: float) -> int:
+    """The index of the first ranked candidate more than ``threshold`` metric points below the best, or the last
+    index when none is (the official loop's ``i``)."""
     best = metric_of(ranked[0][1])
-    i = len(ranked) - 1
     for j in range(1, len(ranked)):
         if best - metric_of(ranked[j][1]) > threshold:
-            i = j
-            break
-    return min(max(i, floor), len(ranked) - 1) + 1
+            return j
+    return len(ranked) - 1
 
 
 def search(fitness: Callable[[Genome], Fitness], first_generation: Callable[[np.random.Generator], list[Genome]],
