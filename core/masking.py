@@ -100,9 +100,9 @@ def skip_weak_experts(weights: torch.Tensor, beta: float) -> torch.Tensor:
     top = weights.max(dim=-1, keepdim=True).values
     kept = torch.where(weights < beta * top, torch.zeros_like(weights), weights)
     before, after = weights.sum(dim=-1, keepdim=True), kept.sum(dim=-1, keepdim=True)
-    scale = torch.where(after != 0, before / torch.where(after != 0, after, torch.ones_like(after)),
-                        torch.ones_like(after))
-    return kept * scale
+    skipped = (kept != weights).any(dim=-1, keepdim=True)  # tokens that skipped nothing keep their weights as they are
+    # divided by the survivors' sum first, as the official code: a lone survivor gets exactly the old sum (1 on Mixtral)
+    return torch.where(skipped, kept / torch.where(after != 0, after, torch.ones_like(after)) * before, weights)
 
 
 def _remapping_forward(adapter: Adapter, sub: nn.Module, keep: list[int], n_experts: int, beta: float | None):
