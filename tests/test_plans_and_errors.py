@@ -205,7 +205,7 @@ def test_dynamic_skipping_drops_weak_second_experts(mixtral, tmp_path):
     from core.masking import skip_weak_experts
 
     w = torch.tensor([[0.7, 0.3], [0.55, 0.45], [0.9, 0.1]])
-    assert torch.equal(skip_weak_experts(w, 0.5), torch.tensor([[0.7, 0.0], [0.55, 0.45], [0.9, 0.0]]))
+    assert torch.equal(skip_weak_experts(w, 0.5), torch.tensor([[1.0, 0.0], [0.55, 0.45], [1.0, 0.0]]))  # survivor renormalised (NAEE)
     x = ids(2, 10, seed=9)
     with torch.no_grad():
         full = mixtral.model(input_ids=x).logits.clone()
