@@ -36,15 +36,16 @@ from .plan import Plan, validate_plan
 PLAN_FILENAME = EXPORT_MARKER  # its presence marks a directory as an export MoEScope may replace
 
 
-def pruned_state_dict(mm: MoEModel, plan: Plan) -> dict[str, torch.Tensor]:
+def pruned_state_dict(mm: MoEModel, plan: Plan,
+                      fitted: dict[int, dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
     """The model's state dict with every MoE layer's router and experts restricted to the kept experts,
-    or, for layers the plan merges, replaced by the mapped router and the merged experts."""
+    or, for layers the plan merges, replaced by the mapped (or ``fitted``) router and the merged experts."""
     state = mm.model.state_dict()
     n = mm.n_experts
     names = {module: name for name, module in mm.model.named_modules()}
     for layer in mm.layers:
         router_prefix, experts_prefix = names[layer.router], names[layer.experts]
-        for name, tensor in exported_router_state(mm.adapter, layer.router, plan, layer.index, n).items():
+        for name, tensor in exported_router_state(mm.adapter, layer.router, plan, layer.index, n, fitted).items():
             state[f"{router_prefix}.{name}"] = tensor
         for name, tensor in layer.experts.state_dict().items():
             state[f"{experts_prefix}.{name}"] = exported_expert_tensor(tensor, plan, layer.index, n)
@@ -60,7 +61,8 @@ def pruned_config(mm: MoEModel, plan: Plan):
     return config
 
 
-def build_pruned_model(mm: MoEModel, plan: Plan, device: str | torch.device = "cpu") -> torch.nn.Module:
+def build_pruned_model(mm: MoEModel, plan: Plan, device: str | torch.device = "cpu",
+                       fitted: dict[int, dict[str, torch.Tensor]] | None = None) -> torch.nn.Module:
     """The physically pruned model in memory: a fresh model of the pruned config holding the kept experts."""
     from transformers import AutoModelForCausalLM
 
@@ -69,14 +71,14 @@ def build_pruned_model(mm: MoEModel, plan: Plan, device: str | torch.device = "c
     with torch.device(device):
         pruned = AutoModelForCausalLM.from_config(pruned_config(mm, plan), dtype=dtype)
     with mm.lock:  # another thread's merging plan writes expert weights in place while it evaluates
-        state = pruned_state_dict(mm, plan)
+        state = pruned_state_dict(mm, plan, fitted)
         pruned.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
     return pruned.eval()
 
 
 def export_pruned(mm: MoEModel, plan: Plan, out_dir: str | Path, overwrite: bool = False,
                   progress: Callable[[str], None] | None = None, streaming: bool | None = False,
-                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, fit_texts: list[str] | None = None) -> Path:
     """Write the pruned checkpoint (config, safetensors, tokenizer, plan) to ``out_dir`` atomically.
 
     ``out_dir`` must be new, or an earlier MoEScope export when ``overwrite``; it may never be, hold or lie
@@ -85,16 +87,20 @@ def export_pruned(mm: MoEModel, plan: Plan, out_dir: str | Path, overwrite: bool
     safetensors shards when the loaded model holds their tensors under the same names and shapes, else builds it
     in memory; True insists on streaming. ``max_shard_size`` bounds the streamed shards. (The CLI exports a
     local safetensors folder with ``core.streaming_export.export_checkpoint`` directly, never loading it.)
+    A plan merged under the 'probs' router mapping gets linear routers fitted on this model
+    (``core.router_fit.fit_plan_routers``, on ``fit_texts`` or the plan's calibration split), refused in one
+    sentence where a fit agrees too little.
     """
     validate_plan(plan, mm.routing_spec(), for_export=True)
     say = progress or (lambda _msg: None)
     sources = [mm.source] + [p for p in (getattr(mm.model, "name_or_path", None),) if p]
     out_dir = check_output(out_dir, "export", overwrite, sources=sources)
+    fitted = _fitted_routers(mm, plan, fit_texts, say)
     if streaming is not False and (streaming or has_safetensors(mm.source)):
         from .streaming_export import StreamingExport
 
         try:
-            job = StreamingExport(mm.source, plan, loaded=mm.model)
+            job = StreamingExport(mm.source, plan, loaded=mm.model, fitted=fitted)
         except MoEScopeError:
             if streaming:
                 raise
@@ -110,7 +116,7 @@ def export_pruned(mm: MoEModel, plan: Plan, out_dir: str | Path, overwrite: bool
                                 f"shapes differ: changed since loading?); export it in memory.")
     with output_lock(out_dir), atomic_directory(check_output(out_dir, "export", overwrite, sources=sources)) as tmp:
         say("slicing experts and building the pruned model")
-        pruned = build_pruned_model(mm, plan)
+        pruned = build_pruned_model(mm, plan, fitted=fitted)
         say("writing safetensors")
         pruned.save_pretrained(tmp)
         if mm.tokenizer is not None:
@@ -118,6 +124,21 @@ def export_pruned(mm: MoEModel, plan: Plan, out_dir: str | Path, overwrite: bool
         save_export_plan(plan, mm.source, tmp)
     say(f"wrote {out_dir}")
     return out_dir
+
+
+def _fitted_routers(mm: MoEModel, plan: Plan, texts: list[str] | None,
+                    say: Callable[[str], None]) -> dict[int, dict[str, torch.Tensor]] | None:
+    """Linear routers fitted to a 'probs'-mapped merging plan (None for any other plan)."""
+    if getattr(plan, "mapping", "logits") == "logits" or not plan.merge:
+        return None
+    from .router_fit import fit_plan_routers
+
+    say("fitting linear routers to the plan's probs mapping")
+    fits = fit_plan_routers(mm, plan, texts=texts)
+    worst = min(fits.values(), key=lambda fit: fit.agreement)
+    say(f"fitted routers agree with the probs mapping's top-k on {worst.agreement:.1%} or more of held-out tokens "
+        f"(lowest: layer {worst.layer})")
+    return {layer: fit.state for layer, fit in fits.items()}
 
 
 def save_export_plan(plan: Plan, source: str, folder: Path) -> None:

@@ -5,7 +5,7 @@ streaming one (:class:`PrunedTensorStream`) on a checkpoint's tensors one conver
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -17,18 +17,21 @@ from .masking import mapped_router_state, merged_expert_tensor, slice_router_sta
 from .plan import Plan
 
 
-def exported_router_state(adapter: Adapter, router: nn.Module, plan: Plan, layer: int,
-                          n_experts: int) -> dict[str, torch.Tensor]:
+def exported_router_state(adapter: Adapter, router: nn.Module, plan: Plan, layer: int, n_experts: int,
+                          fitted: Mapping[int, dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
     """The pruned router's tensors (keyed like ``router.state_dict()``): sliced to the kept experts, or, for a
-    layer the plan merges, mapped by the plan's router matrix. The one place export decides the router."""
+    layer the plan merges, mapped by the plan's router matrix ('logits' mapping) or the linear router fitted to
+    its 'probs' mapping (``fitted``, from ``core.router_fit``). The one place export decides the router."""
     merge = plan.merge.get(layer)
     if merge is None:
         return slice_router_state(adapter, router, plan.keep(layer, n_experts))
     mapping = getattr(plan, "mapping", "logits")
-    if mapping != "logits":  # p' = R · softmax(W x) is no linear router: written as one, it would route otherwise
-        raise MoEScopeError(f"Plans with the {mapping!r} router mapping cannot be exported yet: a plain checkpoint "
-                            f"holds a linear router, which only the 'logits' mapping gives.")
-    return mapped_router_state(adapter, router, merge[0])
+    if mapping == "logits":
+        return mapped_router_state(adapter, router, merge[0])
+    if fitted is None or layer not in fitted:  # p' = R · softmax(W x) is no linear router: it must be fitted
+        raise MoEScopeError(f"Plans with the {mapping!r} router mapping are exported with linear routers fitted on "
+                            f"the loaded model (core.router_fit); export this plan from a loaded model.")
+    return {name: tensor.clone() for name, tensor in fitted[layer].items()}
 
 
 def exported_expert_tensor(tensor: torch.Tensor, plan: Plan, layer: int, n_experts: int) -> torch.Tensor:
@@ -71,16 +74,18 @@ class PrunedTensorStream:
     ``pruned`` is the pruned model on the meta device, whose conversion names the output like
     ``save_pretrained`` would. Model tensors are read in ``held`` dtypes (as a loaded model holds them) and
     written in ``written`` ones (as the pruned model holds them); a name missing from either keeps its dtype.
+    ``fitted``: the fitted routers of a 'probs'-mapped plan's merged layers (``exported_router_state``).
     Router tensors wait until their router is complete, so a router is decided as a whole.
     """
 
     def __init__(self, view: ModelView, adapter: Adapter, layers: list[MoELayer], n_experts: int,
                  pruned: nn.Module, plan: Plan, held: dict[str, torch.dtype] | None = None,
-                 written: dict[str, torch.dtype] | None = None) -> None:
+                 written: dict[str, torch.dtype] | None = None,
+                 fitted: Mapping[int, dict[str, torch.Tensor]] | None = None) -> None:
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
         self.view, self.adapter, self.n_experts, self.pruned, self.plan = view, adapter, n_experts, pruned, plan
-        self.held, self.written_dtypes = held or {}, written or {}
+        self.held, self.written_dtypes, self.fitted = held or {}, written or {}, fitted
         names = {module: name for name, module in view.model.named_modules()}
         self.owner: dict[str, tuple[str, MoELayer]] = {}
         for layer in layers:
@@ -155,5 +160,5 @@ class PrunedTensorStream:
         prefix, layer = next((p, owner[1]) for p, owner in self.owner.items()
                              if owner[0] == "router" and owner[1].index == index)
         with _holding(layer.router, state) as router:
-            pruned = exported_router_state(self.adapter, router, self.plan, index, self.n_experts)
+            pruned = exported_router_state(self.adapter, router, self.plan, index, self.n_experts, self.fitted)
         return {f"{prefix}.{name}": tensor for name, tensor in pruned.items()}

@@ -96,10 +96,11 @@ class StreamingExport:
 
     Tensors are read in the dtypes a loaded model holds them in (``loaded``'s, else what ``from_pretrained`` with
     ``dtype``, default its "auto", would hold) and written in the pruned model's, as the in-memory export does.
+    ``fitted``: routers fitted to a 'probs'-mapped plan (``core.router_fit``; only a loaded model can fit them).
     """
 
     def __init__(self, source: str | Path, plan: Plan, dtype: torch.dtype | None = None,
-                 loaded: torch.nn.Module | None = None) -> None:
+                 loaded: torch.nn.Module | None = None, fitted: dict[int, dict[str, torch.Tensor]] | None = None) -> None:
         from .export import pruned_config
         from .model import MoEModel
 
@@ -118,7 +119,8 @@ class StreamingExport:
         held = _dtypes(loaded) if loaded is not None else _loaded_dtypes(self.original.model, main)
         self.view = ModelView(self.original.model, self.checkpoint)
         self.stream = PrunedTensorStream(self.view, self.original.adapter, self.original.layers,
-                                         self.original.n_experts, self.pruned, plan, held, _dtypes(self.pruned))
+                                         self.original.n_experts, self.pruned, plan, held, _dtypes(self.pruned),
+                                         fitted)
         self.specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in self.stream.tensors(meta=True)]
         self._check_layout()
 

@@ -279,15 +279,30 @@ def test_weights_digest_reads_only_router_tensors(model_type, tmp_path, tiny_mod
     assert mm.weights_digest() == in_memory != MoEModel(mm.model, source="tiny-in-memory").weights_digest()
 
 
-def test_probs_router_mapping_is_refused_not_written_as_logits(tmp_path, tiny_models):
+def test_probs_mapped_plans_export_fitted_routers_from_a_loaded_model_only(tmp_path, tiny_models):
+    """A 'probs'-mapped merge gets linear routers fitted on the loaded model (core.router_fit): both exports write
+    the same tensors, and the checkpoint routes as the masked model (one-hot R: the fit is exact). Without a
+    loaded model there is nothing to fit on: export_checkpoint refuses in one sentence, writing nothing."""
     src = save_checkpoint(tiny_models.model("mixtral"), tmp_path / "src")
-    plan = merge_plan([0, 1], seed=4)
-    plan.router_mapping = "probs"
-    for export in (lambda out: export_checkpoint(src, plan, out),
-                   lambda out: export_pruned(load_model(src), plan, out, streaming=False)):
-        with pytest.raises(MoEScopeError, match="'probs' router mapping cannot be exported yet"):
-            export(tmp_path / "out")
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    plan = Plan(layers={0: KEEP, 1: KEEP}, top_k=1,
+                extra={"merge": {str(i): {"router": one_hot(KEEP), "experts": one_hot(KEEP)} for i in (0, 1)},
+                       "router_mapping": "probs"})
+    with pytest.raises(MoEScopeError, match="'probs' router mapping are exported with linear routers fitted"):
+        export_checkpoint(src, plan, tmp_path / "refused")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    mm = load_model(src)
+    texts = ["the quick brown fox jumps over the lazy dog", "1 + 2 = 3 and 4 + 5 = 9", "merging experts"] * 4
+    said: list[str] = []
+    streamed = export_pruned(mm, plan, tmp_path / "streamed", streaming=None, fit_texts=texts, progress=said.append)
+    assert any("fitted routers agree with the probs mapping's top-k on 100.0%" in m for m in said)
+    assert_same_tensors(export_pruned(mm, plan, tmp_path / "memory", fit_texts=texts), streamed)
+    x = ids(2, 10, seed=5)
+    with masked(mm, plan), torch.no_grad():
+        expected = mm.model(input_ids=x).logits
+    with torch.no_grad():
+        assert (AutoModelForCausalLM.from_pretrained(streamed)(input_ids=x).logits - expected).abs().max() <= 1e-4
+    with pytest.raises(MoEScopeError, match="records no calibration task"):
+        export_pruned(mm, plan, tmp_path / "no-texts")
 
 
 def test_pruned_experts_are_never_read(tmp_path, tiny_models, monkeypatch):
