@@ -11,6 +11,7 @@ serialised and each gets its own plan's result.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 from collections.abc import Callable, Iterator
@@ -25,10 +26,32 @@ from .plan import Plan, validate_plan
 from .router_mapping import PROBS, mapped_probs, require_probs, route_mapped
 
 
+def _offload_hook(module: nn.Module) -> Any:
+    """accelerate's hook that keeps ``module``'s own tensors off the module (offloaded to CPU or disk), if any."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
+            return h
+    return None
+
+
+def held_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()``, with the tensors accelerate offloaded (meta tensors in the module) read from the
+    offload hook's ``weights_map`` onto the device the hook runs the module on."""
+    state = module.state_dict()
+    for name, tensor in state.items():
+        if tensor.device.type == "meta":
+            owner_name, _, leaf = name.rpartition(".")
+            hook = _offload_hook(module.get_submodule(owner_name))
+            if hook is not None:
+                state[name] = hook.weights_map[leaf].to(hook.execution_device)
+    return state
+
+
 def slice_router_state(adapter: Adapter, router: nn.Module, keep: list[int]) -> dict[str, torch.Tensor]:
     """The router's parameters and buffers restricted to ``keep`` (in that order), keyed like ``state_dict``."""
     out = {}
-    for name, tensor in router.state_dict().items():
+    for name, tensor in held_state(router).items():
         dim = adapter.router_expert_dim(name, tensor)
         index = torch.tensor(keep, dtype=torch.long, device=tensor.device)
         out[name] = tensor.index_select(dim, index).clone()
@@ -40,7 +63,7 @@ def mapped_router_state(adapter: Adapter, router: nn.Module, mapping: torch.Tens
     (new router row j = sum_i mapping[j, i] * row i). Applied to the router's rows, so the mapped router
     is an ordinary router and the merged model an ordinary checkpoint; one-hot rows give plain slicing."""
     out = {}
-    for name, tensor in router.state_dict().items():
+    for name, tensor in held_state(router).items():
         dim = adapter.router_expert_dim(name, tensor)
         moved = tensor.float().movedim(dim, 0)
         mixed = torch.tensordot(mapping.to(moved.device, torch.float32), moved, dims=([1], [0]))
@@ -184,7 +207,7 @@ def _mask_layer(mm: MoEModel, layer: MoELayer, plan: Plan, undo: list) -> None:
     elif plan.mapping == PROBS:
         router_map, expert_map = merge
         normalisation = require_probs(adapter, mm.config)
-        whole = build_router(layer.router, {}, n, None, n)  # the original router, to read its logits over all experts
+        whole = build_router(layer.router, held_state(layer.router), n, None, n)  # the original router, to read its logits over all experts
         forward = _probs_mapping_forward(adapter, whole, router_map, keep, n, plan.top_k or mm.top_k, normalisation,
                                          beta)
         _write_merged_experts(layer, keep, expert_map, n, undo)
@@ -202,6 +225,21 @@ def _mask_layer(mm: MoEModel, layer: MoELayer, plan: Plan, undo: list) -> None:
 def _write_merged_experts(layer: MoELayer, keep: list[int], merging: torch.Tensor, n: int, undo: list) -> None:
     """Put merged expert j into the slot of kept expert ``keep[j]``; the originals of those slots are
     copied aside and written back on undo, bit for bit."""
+    hook = _offload_hook(layer.experts)
+    if hook is not None:  # offloaded: the hook loads the experts from its weights_map before each forward
+        merged = {}
+        for name, held in held_state(layer.experts).items():
+            if "." in name or not held.is_floating_point():
+                continue
+            stacked = held.clone().view(n, -1, *held.shape[1:]) if held.shape[0] != n else held.clone()
+            index = torch.tensor(keep, dtype=torch.long, device=held.device)
+            mixed = merged_expert_tensor(held, merging, n)
+            stacked.index_copy_(0, index, mixed.view(len(keep), -1, *held.shape[1:]) if held.shape[0] != n else mixed)
+            merged[name] = stacked.view(held.shape)
+        original = hook.weights_map
+        hook.weights_map = collections.ChainMap(merged, original)  # the merged slots over the offloaded originals
+        undo.append(lambda hook=hook, original=original: setattr(hook, "weights_map", original))
+        return
     for param in layer.experts.parameters():
         stacked = param.data.view(n, -1, *param.shape[1:]) if param.shape[0] != n else param.data
         index = torch.tensor(keep, dtype=torch.long, device=param.device)

@@ -1,7 +1,7 @@
 """Models larger than memory (issue 14, item 2): a tiny model with its last decoder layer offloaded to disk by
 accelerate. Profiling it (no plan) records what the resident model records; its routers' digest is read from the
-shards. Masking an offloaded layer does not work yet: the strict xfails below say so until core/masking.py reads
-the router tensors that accelerate keeps off the module (see the reason)."""
+shards. Masking and merging an offloaded layer read the router and expert tensors that accelerate keeps off the
+module (its hook's weights map) and equal the resident model's."""
 
 from __future__ import annotations
 
@@ -20,9 +20,6 @@ from .tiny_models import char_tokenizer, ids
 
 pytestmark = pytest.mark.numeric
 TEXTS = {"prose": ["the cat sat on the mat", "a quick brown fox jumps", "seven sleepy seals"]}
-MASKING_GAP = ("core/masking.py builds the pruned router from router.state_dict(), which holds meta tensors when "
-               "accelerate offloads the layer (the real ones are in the hook's weights_map), and merged plans write "
-               "expert weights in place, which an offloaded layer reloads from its weights_map")
 
 
 def resident_and_offloaded(tmp_path, models, model_type: str) -> tuple[MoEModel, MoEModel]:
@@ -49,7 +46,6 @@ def test_profiling_an_offloaded_model_records_what_the_resident_one_does(model_t
     assert Profile(tmp_path / "offloaded.parquet").meta.weights_digest == resident.weights_digest()
 
 
-@pytest.mark.xfail(strict=True, reason=MASKING_GAP)
 @pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3"])
 def test_masking_an_offloaded_layer_equals_resident(model_type, tmp_path, tiny_models):
     resident, off = resident_and_offloaded(tmp_path, tiny_models, model_type)
@@ -58,7 +54,6 @@ def test_masking_an_offloaded_layer_equals_resident(model_type, tmp_path, tiny_m
     assert torch.equal(logits(off, None), logits(resident, None))  # undone exactly
 
 
-@pytest.mark.xfail(strict=True, reason=MASKING_GAP)
 def test_merging_an_offloaded_layer_equals_resident(tmp_path, tiny_models):
     resident, off = resident_and_offloaded(tmp_path, tiny_models, "mixtral")
     plan = merge_plan(resident.layer_indices, seed=9)
