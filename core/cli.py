@@ -53,6 +53,17 @@ def _list_of(parse, what: str):
     return parse_list
 
 
+def _batch_size(text: str) -> int | str:
+    return "auto" if text.strip() == "auto" else POSITIVE(text)
+
+
+def _lm_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lm-eval-include", action="append", default=[], metavar="DIR",
+                   help="a folder of lm-eval task YAMLs (e.g. over local JSONL files; see sample_data/lm_eval); "
+                        "repeatable")
+    p.add_argument("--num-fewshot", type=NON_NEGATIVE, help="lm-eval tasks: few-shot examples (default: the task's)")
+
+
 def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -114,12 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="score tasks, optionally under a pruning plan, against the full model")
     _model_args(p)
-    p.add_argument("--task", action="append", required=True,
+    p.add_argument("--task", action="append", default=[],
                    help="a sample task name (qa, arithmetic, code, prose, qa_choice) or a task.json; repeatable")
+    p.add_argument("--lm-eval", type=_names, default=[], metavar="TASKS",
+                   help="lm-evaluation-harness tasks, comma-separated (arc_easy, or moescope_qa_choice with "
+                        "--lm-eval-include sample_data/lm_eval); needs pip install 'moescope[lm-eval]'")
+    _lm_eval_args(p)
     p.add_argument("--plan", help="evaluate with this plan's experts masked")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=NON_NEGATIVE, default=0, help="at most this many examples (0: all)")
-    p.add_argument("--batch-size", type=POSITIVE, default=32)
+    p.add_argument("--batch-size", type=_batch_size, default=None,
+                   help="sequences per forward (default 32); lm-eval tasks also take 'auto' (their default)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -147,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated")
     p.add_argument("--ratios", type=_list_of(_ratio, "ratio"), default="0.25,0.5,0.75",
                    help="fractions of experts removed, comma-separated")
-    p.add_argument("--tasks", type=_list_of(str, "task"), required=True, help="evaluation tasks, comma-separated")
+    p.add_argument("--tasks", type=_list_of(str, "task"), required=True,
+                   help="evaluation tasks, comma-separated; lm_eval:NAME is an lm-evaluation-harness task")
+    _lm_eval_args(p)
     p.add_argument("--calibration-tasks", type=_names, default="",
                    help="calibrate on these (each plan evaluated on every task); default: each task on itself")
     p.add_argument("--top-k", type=POSITIVE)

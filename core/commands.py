@@ -80,12 +80,23 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .plan import Plan
     from .tasks import get_task_spec
 
+    if not args.task and not args.lm_eval:
+        raise MoEScopeError("give at least one --task or --lm-eval TASKS to evaluate.")
     specs = [get_task_spec(t) for t in args.task]  # fail on a bad task before loading the model
+    if args.lm_eval:
+        from .evaluation.lm_eval_bridge import LmEvalRunner, require_lm_eval, run_lm_eval
+
+        require_lm_eval()  # without the extra: one line, before the model loads
     plan = Plan.load(args.plan) if args.plan else None
     mm = _load(args)
     if plan is not None:
         _warn_plan_source(plan, mm, args.plan)
-    evaluator = Evaluator(mm, batch_size=args.batch_size)
+    runner = None
+    if args.lm_eval:  # unknown lm-eval tasks fail before anything runs
+        runner = LmEvalRunner(mm, include=args.lm_eval_include, batch_size=args.batch_size or "auto")
+        runner.check_tasks(args.lm_eval)
+    batch_size = args.batch_size if isinstance(args.batch_size, int) else 32
+    evaluator = Evaluator(mm, batch_size=batch_size)
     results = []
     for spec in specs:
         bar = tqdm(desc=spec.name, unit="batch", disable=args.json)
@@ -103,6 +114,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             shown = ", ".join(f"{k} {v:.2f}" for k, v in {**result.metrics, **result.agreement}.items())
             print(f"{spec.name} [{args.split}, {result.n_examples} examples]: {shown} "
                   f"({result.cost['tokens_per_s']:.0f} tokens/s)")
+    if runner is not None:
+        lm_results = run_lm_eval(mm, args.lm_eval, plan=plan, limit=args.limit or None,
+                                 num_fewshot=args.num_fewshot, runner=runner)
+        results.extend(lm_results)
+        if not args.json:
+            for result in lm_results:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+                print(f"{result.task} [{result.split}, {result.n_examples} examples]: {shown} "
+                      f"({result.seconds:.1f} s)")
     if args.json:
         print(json.dumps([{k: v for k, v in r.to_dict().items() if k != "predictions"} for r in results], indent=2))
 
@@ -200,6 +220,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                           calibration_tasks=args.calibration_tasks or None, top_k=args.top_k,
                           seeds=args.seeds, limit=args.limit or None,
                           calibration_limit=args.calibration_limit or None,
+                          lm_eval_include=args.lm_eval_include, num_fewshot=args.num_fewshot,
                           progress=lambda what, done, total: print(f"[{done}/{total}] {what}", flush=True))
         save_table(table, args.out)
     print(f"wrote {args.out} ({len(table)} rows)")
