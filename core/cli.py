@@ -38,6 +38,27 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]; give a share of tokens such as 0.95")
+    return value
+
+
+def _shard_size(text: str) -> str:
+    from .checkpoint_writer import parse_size
+    from .errors import MoEScopeError
+
+    try:
+        parse_size(text)
+    except MoEScopeError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def _list_of(parse, what: str):
     def parse_list(text: str) -> list:
         items = [t.strip() for t in text.split(",") if t.strip()]
@@ -121,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier MoEScope export at --out")
+    p.add_argument("--max-shard-size", type=_shard_size, default="5GB",
+                   help="largest safetensors file the export writes, e.g. 5GB or 500MB (default 5GB)")
+    p.add_argument("--min-router-agreement", type=_fraction, default=None,
+                   help="a probs-mapped merging plan's fitted routers must agree with its top-k on at least this "
+                        "share of held-out tokens (default 0.95)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="score tasks, optionally under a pruning plan, against the full model")

@@ -62,14 +62,29 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from .checkpoint_files import has_safetensors
     from .export import directory_bytes, export_pruned
+    from .model import DTYPES
     from .plan import Plan
 
     plan = Plan.load(args.plan)
     check_output(args.out, "export", args.overwrite, sources=[args.model])  # before the model loads
-    mm = _load(args)
-    _warn_plan_source(plan, mm, args.plan)
-    out = export_pruned(mm, plan, args.out, overwrite=args.overwrite, progress=lambda m: print(f"... {m}"))
+    progress = lambda m: print(f"... {m}")  # noqa: E731
+    # A local safetensors checkpoint is exported shard by shard without loading it; a probs-mapped merging plan
+    # needs the loaded model to fit its routers, and remote code needs the model's own classes.
+    streams = has_safetensors(args.model) and not args.trust_remote_code and not (plan.merge and plan.mapping == "probs")
+    if streams:
+        from .streaming_export import export_checkpoint
+
+        _warn_plan_source(plan, argparse.Namespace(source=args.model), args.plan)
+        dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
+        out = export_checkpoint(args.model, plan, args.out, overwrite=args.overwrite, progress=progress,
+                                max_shard_size=args.max_shard_size, dtype=dtype)
+    else:
+        mm = _load(args)
+        _warn_plan_source(plan, mm, args.plan)
+        out = export_pruned(mm, plan, args.out, overwrite=args.overwrite, progress=progress,
+                            max_shard_size=args.max_shard_size, min_router_agreement=args.min_router_agreement)
     print(f"exported to {out} ({directory_bytes(out) / 1e6:.1f} MB)")
 
 

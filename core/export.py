@@ -77,25 +77,27 @@ def build_pruned_model(mm: MoEModel, plan: Plan, device: str | torch.device = "c
 
 
 def export_pruned(mm: MoEModel, plan: Plan, out_dir: str | Path, overwrite: bool = False,
-                  progress: Callable[[str], None] | None = None, streaming: bool | None = False,
-                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, fit_texts: list[str] | None = None) -> Path:
+                  progress: Callable[[str], None] | None = None, streaming: bool | None = None,
+                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, fit_texts: list[str] | None = None,
+                  min_router_agreement: float | None = None) -> Path:
     """Write the pruned checkpoint (config, safetensors, tokenizer, plan) to ``out_dir`` atomically.
 
     ``out_dir`` must be new, or an earlier MoEScope export when ``overwrite``; it may never be, hold or lie
     inside the source model (``core.outputs.check_output``). It is locked for the export.
-    ``streaming``: False (the default, for now) builds the pruned model in memory; None streams from the source's
-    safetensors shards when the loaded model holds their tensors under the same names and shapes, else builds it
+    ``streaming``: None (the default) streams from the source's safetensors shards when the loaded model holds
+    their tensors under the same names and shapes, else builds the pruned model in memory; False always builds it
     in memory; True insists on streaming. ``max_shard_size`` bounds the streamed shards. (The CLI exports a
     local safetensors folder with ``core.streaming_export.export_checkpoint`` directly, never loading it.)
     A plan merged under the 'probs' router mapping gets linear routers fitted on this model
     (``core.router_fit.fit_plan_routers``, on ``fit_texts`` or the plan's calibration split), refused in one
-    sentence where a fit agrees too little.
+    sentence where a fit agrees with it on fewer than ``min_router_agreement`` of held-out tokens (default
+    ``core.router_fit.DEFAULT_MIN_AGREEMENT``).
     """
     validate_plan(plan, mm.routing_spec(), for_export=True)
     say = progress or (lambda _msg: None)
     sources = [mm.source] + [p for p in (getattr(mm.model, "name_or_path", None),) if p]
     out_dir = check_output(out_dir, "export", overwrite, sources=sources)
-    fitted = _fitted_routers(mm, plan, fit_texts, say)
+    fitted = _fitted_routers(mm, plan, fit_texts, say, min_router_agreement)
     if streaming is not False and (streaming or has_safetensors(mm.source)):
         from .streaming_export import StreamingExport
 
@@ -127,14 +129,16 @@ def export_pruned(mm: MoEModel, plan: Plan, out_dir: str | Path, overwrite: bool
 
 
 def _fitted_routers(mm: MoEModel, plan: Plan, texts: list[str] | None,
-                    say: Callable[[str], None]) -> dict[int, dict[str, torch.Tensor]] | None:
+                    say: Callable[[str], None],
+                    min_agreement: float | None = None) -> dict[int, dict[str, torch.Tensor]] | None:
     """Linear routers fitted to a 'probs'-mapped merging plan (None for any other plan)."""
     if getattr(plan, "mapping", "logits") == "logits" or not plan.merge:
         return None
     from .router_fit import fit_plan_routers
 
     say("fitting linear routers to the plan's probs mapping")
-    fits = fit_plan_routers(mm, plan, texts=texts)
+    options = {} if min_agreement is None else {"min_agreement": min_agreement}
+    fits = fit_plan_routers(mm, plan, texts=texts, **options)
     worst = min(fits.values(), key=lambda fit: fit.agreement)
     say(f"fitted routers agree with the probs mapping's top-k on {worst.agreement:.1%} or more of held-out tokens "
         f"(lowest: layer {worst.layer})")

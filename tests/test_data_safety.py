@@ -274,13 +274,15 @@ KILLED_EXPORT = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     from transformers import PreTrainedModel
+    from core.checkpoint_writer import ShardedWriter
     from core.cli import main
 
     def dies(self, folder, *args, **kwargs):
         Path(folder, "model.safetensors").write_bytes(b"partial")
         os.kill(os.getpid(), signal.SIGKILL)
 
-    PreTrainedModel.save_pretrained = dies
+    PreTrainedModel.save_pretrained = dies  # the in-memory export
+    ShardedWriter.add = lambda self, name, tensor: dies(self, self.folder)  # the streaming one
     main(sys.argv[1:])
 """)
 
@@ -348,7 +350,10 @@ def test_a_full_disk_leaves_nothing_and_says_so_in_one_line(model_dir, plan_file
         Path(folder, "model.safetensors").write_bytes(b"partial")
         full_disk()
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", partial_then_full)
+    from core.checkpoint_writer import ShardedWriter
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", partial_then_full)  # the in-memory export
+    monkeypatch.setattr(ShardedWriter, "add", lambda self, name, tensor: partial_then_full(self, self.folder))
     capsys.readouterr()
     assert main(["export", str(model_dir), "--plan", str(plan_file), "--out", str(out_dir / "pruned")]) == 2
     assert "No space left" in one_error_line(capsys)
