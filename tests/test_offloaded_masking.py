@@ -59,3 +59,30 @@ def test_merging_an_offloaded_layer_equals_resident(tmp_path, tiny_models):
     plan = merge_plan(resident.layer_indices, seed=9)
     assert (logits(off, plan) - logits(resident, plan)).abs().max().item() <= 1e-4
     assert torch.equal(logits(off, None), logits(resident, None))
+
+
+def test_evaluating_an_offloaded_model_under_a_plan_equals_resident(tmp_path, tiny_models):
+    """The evaluation harness (greedy generation, exact match, teacher-forced loss) gives the resident model's
+    predictions and scores when a layer is offloaded to disk, with and without a plan. Predictions come from an
+    argmax over logits that agree to 1e-5 (test above), so they are equal unless two logits tie that closely;
+    the loss is compared with the same tolerance."""
+    from core.evaluation import Evaluator
+    from core.task_spec import TaskSpec
+
+    from .tiny_models import write_task
+
+    resident, off = resident_and_offloaded(tmp_path, tiny_models, "mixtral")
+    prompts = ["ab", "hello wor", "the cat sat on t", "12+3="]
+    gen = TaskSpec.from_json(write_task(tmp_path / "gen", [{"q": p, "answer": "x"} for p in prompts],
+                                        metric="exact_match", prompt_template="{q}", answer_field="answer",
+                                        target_prefix="", stop="", max_new_tokens=5))
+    loss = TaskSpec.from_json(write_task(tmp_path / "lm", [{"text": t} for t in TEXTS["prose"]], metric="lm_loss",
+                                         text_field="text"))
+    plan = Plan(layers={i: KEEP for i in resident.layer_indices}, top_k=1)
+    for p in (None, plan):
+        a = Evaluator(resident, batch_size=2).evaluate(gen, plan=p, agreement=False)
+        b = Evaluator(off, batch_size=2).evaluate(gen, plan=p, agreement=False)
+        assert a.predictions == b.predictions and a.metrics == b.metrics
+        a = Evaluator(resident, batch_size=2).evaluate(loss, plan=p, agreement=False).metrics
+        b = Evaluator(off, batch_size=2).evaluate(loss, plan=p, agreement=False).metrics
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])) for k in a)
