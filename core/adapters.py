@@ -7,6 +7,7 @@ Facts per family were checked against the installed transformers' modeling files
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -206,15 +207,39 @@ def supported_families() -> list[str]:
 
 
 def adapter_for_config(config: Any) -> Adapter:
-    """The adapter for a transformers config, or a one-sentence error naming what is supported."""
+    """The adapter for a transformers config: the family's own, else one discovered from the module structure
+    (``core.adapter_discovery``); a family with a feature MoEScope cannot handle is refused in one sentence
+    (``core.families.REFUSED``), and a config that is no MoE at all gets a sentence naming what is supported."""
     model_type = getattr(config, "model_type", None)
     adapter = _BY_MODEL_TYPE.get(model_type)
-    if adapter is None:
+    if adapter is not None:
+        return adapter
+    from .adapter_discovery import discover_adapter
+    from .families import refuse_if_unsupported
+
+    refuse_if_unsupported(model_type)
+    found = discover_adapter(config) or _discover_from_default_config(model_type)
+    if found is None:
         raise MoEScopeError(
             f"Model type {model_type!r} is not a supported MoE family; supported: "
-            f"{', '.join(supported_families())}."
+            f"{', '.join(supported_families())} and the families whose router and experts MoEScope discovers "
+            f"(docs/families.md)."
         )
-    return adapter
+    return found
+
+
+@functools.cache
+def _discover_from_default_config(model_type: Any) -> Adapter | None:
+    """The generic adapter from the family's default config (for a raw config.json read before transformers)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .adapter_discovery import discover_adapter
+
+    try:
+        default = CONFIG_MAPPING[model_type]()
+    except Exception:  # noqa: BLE001 - unknown model type or a config class that needs arguments: nothing found
+        return None
+    return discover_adapter(default)
 
 
 def adapter_for_model(model: nn.Module) -> Adapter:

@@ -46,3 +46,8 @@ def user_message(exc: BaseException) -> str | None:
     if _named(exc, "ArrowException"):
         return f"A Parquet file could not be read ({exc}); it is corrupt or not a MoEScope file."
     return None
+
+
+class UnsupportedFamilyFeature(MoEScopeError):
+    """A MoE family (or one of its layers) has a feature MoEScope cannot record, mask or export; the message names
+    the feature and why, in one sentence."""

@@ -1,0 +1,96 @@
+"""The generic adapter (issue 13): fields found from the config, refusals in one sentence, and the CLI and the
+streaming export on tiny models of discovered families (the engine checks run on every family in test_families)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from core.adapter_discovery import DiscoveredAdapter, discover_adapter
+from core.adapters import adapter_for_config
+from core.cli import main
+from core.errors import UnsupportedFamilyFeature
+from core.export import export_pruned
+from core.model import MoEModel, load_model
+from core.plan import Plan
+from core.streaming_export import export_checkpoint
+
+from .family_models import build_family, tiny_config
+from .test_streaming_export import assert_same_tensors, config_of, save_checkpoint
+from .tiny_models import write_lm_task
+
+KEEP = [0, 2, 5, 7]
+# One of each kind: plain fused experts; shared experts in block_sparse_moe; sigmoid router with correction bias,
+# groups and MLA; a multimodal family whose causal LM is its MoE text tower, with linear-attention layers.
+REPRESENTATIVE = ["cohere2_moe", "granitemoeshared", "glm4_moe_lite", "qwen3_5_moe"]
+
+
+def test_discovered_adapter_reads_the_fields_from_the_config():
+    lite = adapter_for_config(tiny_config("glm4_moe_lite"))
+    assert isinstance(lite, DiscoveredAdapter)
+    assert (lite.n_experts_field, lite.top_k_field) == ("n_routed_experts", "num_experts_per_tok")
+    assert lite.group_fields == ("n_group", "topk_group") and lite.scoring == "sigmoid" and lite.bias_corrected
+    cohere = adapter_for_config(tiny_config("cohere2_moe"))
+    assert (cohere.scoring, cohere.bias_corrected, cohere.group_fields) == ("softmax", False, None)
+    multimodal = discover_adapter(tiny_config("qwen3_5_moe"))
+    assert multimodal.n_experts_field == "text_config.num_experts"
+
+
+def test_explicit_adapters_win_over_discovery():
+    assert not isinstance(adapter_for_config(SimpleNamespace(model_type="mixtral")), DiscoveredAdapter)
+
+
+def test_expert_counts_given_per_layer_are_refused_in_one_sentence():
+    config = SimpleNamespace(model_type="made_up_moe", num_experts=[8, 16], num_experts_per_tok=2)
+    with pytest.raises(UnsupportedFamilyFeature, match="num_experts gives the expert count or top-k per layer") as err:
+        adapter_for_config(config)
+    assert "\n" not in str(err.value)
+
+
+def test_a_router_that_needs_its_blocks_tensors_is_refused():
+    with pytest.raises(UnsupportedFamilyFeature, match="takes expert_bias from its block"):
+        MoEModel(build_family("afmoe"))
+
+
+def test_zero_computation_experts_are_refused_from_the_config():
+    with pytest.raises(UnsupportedFamilyFeature, match="zero-computation experts"):
+        adapter_for_config(SimpleNamespace(model_type="longcat_flash"))
+
+
+@pytest.mark.numeric
+@pytest.mark.parametrize("model_type", REPRESENTATIVE)
+def test_streaming_export_equals_in_memory_export(model_type, tmp_path):
+    src = save_checkpoint(build_family(model_type), tmp_path / "src", max_shard_size="40KB")
+    mm = load_model(src)
+    assert isinstance(mm.adapter, DiscoveredAdapter)
+    plan = Plan(layers={i: KEEP for i in mm.layer_indices}, top_k=1)
+    in_memory = export_pruned(mm, plan, tmp_path / "memory", streaming=False)
+    streamed = export_checkpoint(src, plan, tmp_path / "streamed", max_shard_size="40KB")
+    assert assert_same_tensors(in_memory, streamed) > 10
+    assert config_of(streamed) == config_of(in_memory)
+
+
+@pytest.mark.parametrize("model_type", ["cohere2_moe", "qwen3_5_moe"])
+def test_cli_info_profile_prune_evaluate_export(model_type, tmp_path, capsys):
+    model_dir = save_checkpoint(build_family(model_type), tmp_path / "model")
+    assert main(["info", str(model_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "(discovered)" in info["family"] and info["n_experts"] == 8 and info["moe_layers"] == [0, 1]
+    folder = write_lm_task(tmp_path / "lm", ["hello world", "abc def"], splits=("calibration", "test"))
+    plan = tmp_path / "plan.json"
+    assert main(["prune", str(model_dir), "--method", "frequency", "--ratio", "0.5", "--task", str(folder),
+                 "--out", str(plan)]) == 0
+    assert all(len(v["keep"]) == 4 for v in json.loads(plan.read_text())["layers"].values())
+    (tmp_path / "t.txt").write_text("the cat sat on the mat\nhello world\n")
+    profile = ["profile", str(model_dir), "--task", str(tmp_path / "t.txt"), "--out", str(tmp_path / "p.parquet")]
+    assert main(profile) == 0
+    assert main(["evaluate", str(model_dir), "--task", str(folder), "--plan", str(plan), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(model_dir), "--plan", str(plan), "--out", str(tmp_path / "pruned")]) == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert MoEModel(reloaded).n_experts == 4
+    assert reloaded(torch.tensor([[5, 6, 7]])).logits.shape[:2] == (1, 3)
