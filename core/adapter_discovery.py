@@ -76,7 +76,8 @@ def discover_adapter(config: Any) -> DiscoveredAdapter | None:
                              top_k_field=k_field, group_fields=groups, weights_sorted=False,
                              scoring=_scoring(model_type, text), bias_corrected=_bias_corrected(model_type),
                              shared_expert_attrs=SHARED_ATTRS,
-                             weights_semantics="the router's own top-k weights, as the block applies them")
+                             weights_semantics="the router's own top-k weights as the block applies them (its "
+                                               "scores of the chosen experts, renormalised or scaled where it does)")
 
 
 def _scoring(model_type: str, text_config: Any) -> str:

@@ -52,8 +52,11 @@ def test_expert_counts_given_per_layer_are_refused_in_one_sentence():
 
 
 def test_a_router_that_needs_its_blocks_tensors_is_refused():
+    model = build_family("afmoe")
+    with pytest.raises(UnsupportedFamilyFeature, match="takes the expert-selection bias"):
+        MoEModel(model)  # from the config (core.families.REFUSED)
     with pytest.raises(UnsupportedFamilyFeature, match="takes expert_bias from its block"):
-        MoEModel(build_family("afmoe"))
+        MoEModel(model, adapter=discover_adapter(tiny_config("afmoe")))  # and found from the structure
 
 
 def test_zero_computation_experts_are_refused_from_the_config():
