@@ -37,6 +37,9 @@ REFUSED: dict[str, str] = {
     "doge": _ROUTER_NOT_DECISIONS.replace("its router", "its router (DogeCDMoE, product-key retrieval of experts)"),
     "jetmoe": _ROUTER_NOT_DECISIONS.replace("its router", "its router (JetMoeTopKGating, shared by attention "
                                                           "and MLP experts)"),
+    "lfm2_moe": _TAKES_BLOCK_BIAS,
+    "zaya": "its router has a skip expert (num_experts + 1 router classes, the last a zero-computation slot with a "
+            "balancing bias), and MoEScope's masking, counts and export assume every routed slot is a stacked expert.",
     "inkling_text": "its router scores the shared experts in the same weight rows as the routed ones (n_routed + "
                     "n_shared rows), which MoEScope cannot slice by routed expert to prune.",
 }
@@ -45,16 +48,11 @@ REFUSED: dict[str, str] = {
 UNVERIFIED: dict[str, str] = {
     "dots3_note": "its config class refuses small global sizes (per-layer attributes); no tiny model built",
     "dots3_note_text": "its config class refuses small global sizes (per-layer attributes); no tiny model built",
-    "granitemoehybrid": "its config validator refuses the tiny layer layout; no tiny model built",
-    "kolibri1_1": "its config validator refuses the tiny layer layout; no tiny model built",
-    "zaya": "its config validator refuses the tiny layer layout; no tiny model built",
-    "lfm2_moe": "its default config has layer_types None and cannot build a model; no tiny model built",
+    "kolibri1_1": "its config validator refuses the tiny sizes (NVFP4 key/value rounding); no tiny model built",
     "qwen4_exp": "the tiny config leaves linear-attention head sizes unset; no tiny model built",
     "qwen4_exp_text": "the tiny config leaves linear-attention head sizes unset; no tiny model built",
-    "kimi_linear": "the tiny model's all-linear-attention cache cannot take an attention mask (recording check)",
     "inkling2_text": "the export of its tiny model fails (a negative embedding size after pruning)",
     "inkling2_loop_text": "the export of its tiny model fails (a negative embedding size after pruning)",
-    "nemotron_h": "no MoE layer is found in its tiny model (the generic adapter does not find its router)",
 }
 
 

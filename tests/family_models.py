@@ -20,12 +20,25 @@ SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_la
              num_expert_group=1, first_k_dense_replace=0, num_dense_layers=0, moe_layer_start_index=0,
              decoder_sparse_step=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8,
              qk_nope_head_dim=8, qk_head_dim=16, num_shared_experts=1, n_shared_experts=1, use_mamba_kernels=False,
-             num_layers=N_LAYERS, mlp_only_layers=[], layers_block_type=["full_attention", "moe"],
+             num_layers=N_LAYERS, mlp_only_layers=[],
              moe_shared_expert_intermediate_size=32, expert_ffn_hidden_size=32)
 _SPARSE = {"sparse", "moe"}
 # Where the common sizes do not fit a family's attention: MLA families need as many key/value heads as query heads
 # (the default above), MiMo-V2-Flash fewer.
-PER_FAMILY = {"mimo_v2_flash": dict(num_key_value_heads=2)}
+PER_FAMILY = {"mimo_v2_flash": dict(num_key_value_heads=2), "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+              "nemotron_h": dict(layer_types=["full_attention", "moe"]), "granitemoehybrid": dict(mamba_n_heads=4, layer_types=["full_attention", "linear_attention"]),
+              "kolibri1_1": dict(head_dim=16), "zaya": dict(num_experts_per_tok=1),
+              "qwen4_exp_text": dict(linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                                     linear_num_value_heads=4)}
+
+
+def _one_of_each(kinds) -> list:
+    """N_LAYERS layer kinds from a family's default list: a MoE kind where the list has one, else the first distinct
+    kinds (a hybrid family keeps one linear-attention or state-space layer beside one attention layer)."""
+    distinct = list(dict.fromkeys(kinds))
+    sparse = [k for k in distinct if k in _SPARSE]
+    chosen = [k for k in distinct if k not in _SPARSE][: N_LAYERS - len(sparse[:1])] + sparse[:1]
+    return (chosen + [chosen[-1]] * N_LAYERS)[:N_LAYERS]
 
 
 def _text_overrides(default) -> dict:
@@ -44,7 +57,7 @@ def _text_overrides(default) -> dict:
                 sparse = next((v for v in values if v in _SPARSE), values[-1])
                 kwargs[name] = [sparse] * N_LAYERS
             else:
-                kwargs[name] = list(values[-N_LAYERS:])
+                kwargs[name] = _one_of_each(values)
     return kwargs
 
 

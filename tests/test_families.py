@@ -1,9 +1,8 @@
 """Every MoE causal-LM family of the installed transformers, found from the library (issue 13).
 
-The list of families is never written here: it comes (core.families.moe_model_types) from transformers'
-causal-LM mapping and each
-family's default config (a field that counts experts, at the top level or in a text/ffn sub-config).
-A new transformers version with new MoE families therefore shows up here, not as a silent gap.
+The list of families is never written here: it comes (core.families.moe_model_types) from transformers' causal-LM
+mapping and each family's default config (a field that counts experts, at the top level or in a text/ffn
+sub-config). A new transformers version with new MoE families therefore shows up here, not as a silent gap.
 """
 
 from __future__ import annotations
