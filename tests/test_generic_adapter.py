@@ -21,7 +21,7 @@ from core.streaming_export import export_checkpoint
 
 from .family_models import build_family, tiny_config
 from .test_streaming_export import assert_same_tensors, config_of, save_checkpoint
-from .tiny_models import write_lm_task
+from .tiny_models import _spread_router, write_lm_task
 
 KEEP = [0, 2, 5, 7]
 # One of each kind: plain fused experts; shared experts in block_sparse_moe; sigmoid router with correction bias,
@@ -97,3 +97,36 @@ def test_cli_info_profile_prune_evaluate_export(model_type, tmp_path, capsys):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     assert MoEModel(reloaded).n_experts == 4
     assert reloaded(torch.tensor([[5, 6, 7]])).logits.shape[:2] == (1, 3)
+
+
+class _Shared:
+    def __init__(self, model):
+        self._model = model
+
+    def model(self, _model_type):
+        return self._model
+
+
+@pytest.mark.numeric
+@pytest.mark.parametrize("model_type,overrides,moe_layers", [
+    ("glm4_moe_lite", dict(num_hidden_layers=3, mlp_layer_types=["dense", "sparse", "sparse"]), [1, 2]),
+    ("glm4_moe_lite", dict(n_group=2, topk_group=1), [0, 1]),
+    ("flint", dict(num_hidden_layers=3, mlp_only_layers=[1], layer_types=["full_attention"] * 3), [0, 2]),
+])
+def test_dense_layers_and_grouped_routing_of_discovered_families(model_type, overrides, moe_layers, tmp_path):
+    """Dense layers are skipped but counted in layer indices; grouped routing is read from the config; the engine's
+    checks hold on both (recording, counts from an independent group-limited top-k, masking == export, undo)."""
+    from . import test_engine
+
+    config = tiny_config(model_type)
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    _spread_router(model, 0)
+    mm = MoEModel(model)
+    assert mm.layer_indices == moe_layers
+    assert mm.adapter.n_groups(mm.config) == overrides.get("n_group", 1)
+    for check in (test_engine.test_recording_equals_router_outputs, test_engine.test_counts_match_output_router_logits,
+                  test_engine.test_masking_matches_export_and_undoes_exactly):
+        check(model_type, None, tmp_path, _Shared(model))
