@@ -18,7 +18,6 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from .adapters import Adapter, MoELayer, get_field

@@ -23,13 +23,15 @@ SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_la
              num_layers=N_LAYERS, mlp_only_layers=[],
              moe_shared_expert_intermediate_size=32, expert_ffn_hidden_size=32)
 _SPARSE = {"sparse", "moe"}
-# Where the common sizes do not fit a family's attention: MLA families need as many key/value heads as query heads
-# (the default above), MiMo-V2-Flash fewer.
-PER_FAMILY = {"mimo_v2_flash": dict(num_key_value_heads=2), "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
-              "nemotron_h": dict(layer_types=["full_attention", "moe"]), "granitemoehybrid": dict(mamba_n_heads=4, layer_types=["full_attention", "linear_attention"]),
-              "kolibri1_1": dict(head_dim=16), "zaya": dict(num_experts_per_tok=1),
-              "qwen4_exp_text": dict(linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
-                                     linear_num_value_heads=4)}
+# Where the common sizes or layer kinds do not fit a family: MiMo-V2-Flash needs fewer key/value heads (MLA families
+# need as many as query heads: the default above); hybrid families need one attention layer beside a MoE one.
+PER_FAMILY = {
+    "mimo_v2_flash": dict(num_key_value_heads=2),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+    "nemotron_h": dict(layer_types=["full_attention", "moe"]),
+    "granitemoehybrid": dict(mamba_n_heads=4, layer_types=["full_attention", "linear_attention"]),
+    "zaya": dict(num_experts_per_tok=1),
+}
 
 
 def _one_of_each(kinds) -> list:
