@@ -51,8 +51,6 @@ UNVERIFIED: dict[str, str] = {
     "kolibri1_1": "its config validator refuses the tiny sizes (NVFP4 key/value rounding); no tiny model built",
     "qwen4_exp": "the tiny config leaves linear-attention head sizes unset; no tiny model built",
     "qwen4_exp_text": "the tiny config leaves linear-attention head sizes unset; no tiny model built",
-    "inkling2_text": "the export of its tiny model fails (a negative embedding size after pruning)",
-    "inkling2_loop_text": "the export of its tiny model fails (a negative embedding size after pruning)",
 }
 
 

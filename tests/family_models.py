@@ -31,6 +31,8 @@ PER_FAMILY = {
     "nemotron_h": dict(layer_types=["full_attention", "moe"]),
     "granitemoehybrid": dict(mamba_n_heads=4, layer_types=["full_attention", "linear_attention"]),
     "zaya": dict(num_experts_per_tok=1),
+    "inkling2_text": dict(unpadded_vocab_size=128),
+    "inkling2_loop_text": dict(unpadded_vocab_size=128),
 }
 
 
