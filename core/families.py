@@ -49,8 +49,6 @@ UNVERIFIED: dict[str, str] = {
     "dots3_note": "its config class refuses small global sizes (per-layer attributes); no tiny model built",
     "dots3_note_text": "its config class refuses small global sizes (per-layer attributes); no tiny model built",
     "kolibri1_1": "its config validator refuses the tiny sizes (NVFP4 key/value rounding); no tiny model built",
-    "qwen4_exp": "the tiny config leaves linear-attention head sizes unset; no tiny model built",
-    "qwen4_exp_text": "the tiny config leaves linear-attention head sizes unset; no tiny model built",
 }
 
 

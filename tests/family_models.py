@@ -31,6 +31,9 @@ PER_FAMILY = {
     "nemotron_h": dict(layer_types=["full_attention", "moe"]),
     "granitemoehybrid": dict(mamba_n_heads=4, layer_types=["full_attention", "linear_attention"]),
     "zaya": dict(num_experts_per_tok=1),
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=16,
+                           indexer_compress_ratio=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                           linear_num_key_heads=2, linear_num_value_heads=4),
     "inkling2_text": dict(unpadded_vocab_size=128),
     "inkling2_loop_text": dict(unpadded_vocab_size=128),
 }
@@ -73,7 +76,7 @@ def tiny_config(model_type: str):
         kwargs = _text_overrides(default)
         text = getattr(default, "text_config", None)
         if text is not None and not isinstance(text, dict):
-            kwargs["text_config"] = {**text.to_dict(), **_text_overrides(text)}
+            kwargs["text_config"] = {**text.to_dict(), **_text_overrides(text), **PER_FAMILY.get(text.model_type, {})}
         return cls(**{**kwargs, **PER_FAMILY.get(model_type, {})})
 
 
