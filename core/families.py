@@ -46,9 +46,10 @@ REFUSED: dict[str, str] = {
 
 # model_type -> why the suite cannot check it on a tiny model yet: neither supported (verified) nor refused.
 UNVERIFIED: dict[str, str] = {
-    "dots3_note": "its config class refuses small global sizes (per-layer attributes); no tiny model built",
-    "dots3_note_text": "its config class refuses small global sizes (per-layer attributes); no tiny model built",
-    "kolibri1_1": "its config validator refuses the tiny sizes (NVFP4 key/value rounding); no tiny model built",
+    "dots3_note": "its config raises on reading per-layer attributes (num_attention_heads) globally, which the "
+                  "suite's tiny-config builder does; no tiny model built",
+    "dots3_note_text": "its config raises on reading per-layer attributes (num_attention_heads) globally, which the "
+                       "suite's tiny-config builder does; no tiny model built",
 }
 
 

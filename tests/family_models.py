@@ -34,6 +34,7 @@ PER_FAMILY = {
     "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=16,
                            indexer_compress_ratio=4, linear_key_head_dim=8, linear_value_head_dim=8,
                            linear_num_key_heads=2, linear_num_value_heads=4),
+    "kolibri1_1": dict(head_dim=16, index_num_heads=1),
     "inkling2_text": dict(unpadded_vocab_size=128),
     "inkling2_loop_text": dict(unpadded_vocab_size=128),
 }
