@@ -73,3 +73,28 @@ def experts_for_coverage(curves: pd.DataFrame, target: float) -> pd.DataFrame:
     merged = everything.merge(fewest, on=["task", "layer"], how="left")
     merged["experts"] = merged["experts"].fillna(merged["all"]).astype(int)
     return merged[["task", "layer", "experts"]]
+
+
+def kept_share(usage: pd.DataFrame, dropped: list[tuple[int, int]], value: str = "share") -> pd.DataFrame:
+    """Per layer, the share of routing (``value`` of ``usage``, columns layer, expert, value; one task) that
+    the experts not in ``dropped`` (layer, expert) carry. Columns: layer, kept_share (0..1)."""
+    gone = set(map(tuple, dropped))
+    keep = [(int(layer), int(expert)) not in gone for layer, expert in zip(usage["layer"], usage["expert"])]
+    totals = usage.groupby("layer")[value].sum()
+    kept = usage[keep].groupby("layer")[value].sum().reindex(totals.index, fill_value=0.0)
+    share = (kept / totals.where(totals > 0, 1.0)).where(totals > 0, 0.0)
+    return pd.DataFrame({"layer": totals.index.astype(int), "kept_share": share.to_numpy(float)})
+
+
+def most_chosen_experts(first_choices: list[int] | np.ndarray, limit: int) -> list[int]:
+    """The ``limit`` experts chosen first most often among ``first_choices`` (one per token), most chosen
+    first; ties go to the lower id."""
+    ids, counts = np.unique(np.asarray(first_choices, dtype=np.int64), return_counts=True)
+    order = np.lexsort((ids, -counts))
+    return [int(e) for e in ids[order][:limit]]
+
+
+def band(usage: pd.DataFrame, layers: tuple[int, int], experts: tuple[int, int]) -> pd.DataFrame:
+    """The rows of ``usage`` with layer and expert within the inclusive ranges ``layers`` and ``experts``."""
+    sel = usage["layer"].between(*layers) & usage["expert"].between(*experts)
+    return usage[sel]

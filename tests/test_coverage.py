@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from core.coverage import coverage_curves, experts_for_coverage, ranked_usage
+from core.coverage import band, coverage_curves, experts_for_coverage, kept_share, most_chosen_experts, ranked_usage
 from core.errors import MoEScopeError
 
 
@@ -47,3 +47,17 @@ def test_bad_task_or_value_is_one_sentence():
         coverage_curves(_usage(), task="nope")
     with pytest.raises(MoEScopeError, match="share"):
         coverage_curves(_usage(), value="count")
+
+
+def test_kept_share_per_layer():
+    usage = _usage()
+    qa = usage[usage["task"] == "qa"]
+    kept = kept_share(qa, [(0, 1), (0, 2), (3, 0)]).set_index("layer")["kept_share"]
+    assert kept.to_dict() == pytest.approx({0: 0.5, 3: 0.75})  # layer 0 keeps experts 0 and 3: 0.1 + 0.4
+
+
+def test_most_chosen_experts_and_band():
+    assert most_chosen_experts([5, 2, 5, 9, 2, 7, 5], 2) == [5, 2]
+    assert most_chosen_experts([3, 1], 5) == [1, 3]  # a tie: lower id first
+    zoomed = band(_usage(), (1, 3), (2, 3))
+    assert sorted(set(zip(zoomed["layer"], zoomed["expert"]))) == [(3, 2), (3, 3)]
