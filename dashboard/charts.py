@@ -58,23 +58,35 @@ def expert_colour(expert: int) -> str:
     return EXPERT_PALETTE[expert % len(EXPERT_PALETTE)]
 
 
-def _grid_size(n_experts: int, n_layers: int) -> tuple[int, int, int]:
-    """Cell, width and height in pixels so that squares tile the grid on screen at any model size."""
-    cell = int(np.clip(min(760 / n_experts, 640 / n_layers), 9, 56))
-    return cell, n_experts * cell + 190, n_layers * cell + 120
+def _grid_size(n_experts: int, n_layers: int) -> tuple[float, int, int]:
+    """Cell, width and height in pixels: the grid fills about 1100 pixels across (at most 56 per square), and
+    its height follows the layer count (at least 5 pixels a row, so 61 layers stay on one screen)."""
+    cell = float(np.clip(min(1100 / n_experts, 900 / n_layers), 5, 56))
+    return cell, int(n_experts * cell) + 190, int(n_layers * cell) + 120
+
+
+def _every(cell: float, room: float) -> int:
+    """Label every n-th row or column so that labels ``room`` pixels apart do not overlap."""
+    return max(1, int(np.ceil(room / cell)))
 
 
 def expert_grid(df: pd.DataFrame, value: str, title: str, colorbar: str, diverging: bool = False,
                 dropped: Sequence[tuple[int, int]] = (), selected: tuple[int, int] | None = None,
-                value_format: str = ".1%", row_notes: dict[int, str] | None = None) -> go.Figure:
-    """Layer × expert squares coloured by ``df[value]`` (columns layer, expert, value, hover extras).
+                value_format: str = ".1%", row_notes: dict[int, str] | None = None, x: str = "expert",
+                x_title: str = "expert") -> go.Figure:
+    """Layer × expert squares coloured by ``df[value]`` (columns layer, expert, value, and ``x`` when the
+    columns are not expert ids, e.g. ``rank``).
 
-    ``dropped`` (layer, expert) cells are crossed out; ``selected`` gets a dark outline; ``row_notes`` (layer
-    -> text) are written beside each layer's row label.
+    The grid sizes itself to the model: squares touch (no gaps) when they are small, row and column labels
+    thin out so they never overlap. ``dropped`` (layer, expert) cells are dimmed; ``selected`` gets a dark
+    outline; ``row_notes`` (layer -> text) are written beside each layer's row label. Every point carries
+    (layer, expert, value) as customdata, so a click names the expert in any column order.
     """
     layers = sorted(df["layer"].unique())
-    n_experts = int(df["expert"].max()) + 1
-    cell, width, height = _grid_size(n_experts, len(layers))
+    lo, hi = int(df[x].min()), int(df[x].max())
+    n_cols = hi - lo + 1
+    cell, width, height = _grid_size(n_cols, len(layers))
+    gap = 0 if cell < 14 else 2
     row = {layer: i for i, layer in enumerate(layers)}
     y = df["layer"].map(row)
     values = df[value].to_numpy(float)
@@ -83,32 +95,62 @@ def expert_grid(df: pd.DataFrame, value: str, title: str, colorbar: str, divergi
         colour = {"colorscale": "RdBu_r", "cmin": -bound, "cmax": bound}
     else:
         colour = {"colorscale": "Viridis", "cmin": 0.0, "cmax": float(values.max()) or 1.0}
+    where = "rank %{x:d} · " if x != "expert" else ""
     fig = go.Figure(go.Scatter(
-        x=df["expert"], y=y, mode="markers", name="",
-        marker={"symbol": "square", "size": cell - 2, "color": values, "line": {"width": 0},
+        x=df[x], y=y, mode="markers", name="",
+        marker={"symbol": "square", "size": cell - gap + (0.6 if gap == 0 else 0), "color": values,
+                "line": {"width": 0},
                 "colorbar": {"title": {"text": colorbar, "side": "right"}, "tickformat": value_format}, **colour},
         customdata=np.stack([df["layer"], df["expert"], values], axis=1),
-        hovertemplate=f"layer %{{customdata[0]:d}} · expert %{{customdata[1]:d}}<br>{colorbar}: "
+        hovertemplate=f"layer %{{customdata[0]:d}} · {where}expert %{{customdata[1]:d}}<br>{colorbar}: "
                       f"%{{customdata[2]:{value_format}}}<extra></extra>"))
-    if len(dropped):
+    if len(dropped):  # dimmed under a pale veil, not crossed: readable at 256 experts
         d = pd.DataFrame(list(dropped), columns=["layer", "expert"])
+        d = d[d["layer"].isin(row) & d["expert"].between(lo, hi)]
         fig.add_trace(go.Scatter(x=d["expert"], y=d["layer"].map(row), mode="markers", name="dropped",
-                                 hoverinfo="skip", marker={"symbol": "x-thin", "size": cell * 0.7,
-                                                           "line": {"width": 3, "color": "#d62728"}}))
+                                 hoverinfo="skip", marker={"symbol": "square", "size": cell - gap + 0.6,
+                                                           "color": "rgba(255,255,255,0.78)", "line": {"width": 0}}))
     if selected is not None and selected[0] in row:
-        fig.add_trace(go.Scatter(x=[selected[1]], y=[row[selected[0]]], mode="markers", name="selected",
-                                 hoverinfo="skip", marker={"symbol": "square-open", "size": cell + 2,
-                                                           "line": {"width": 3, "color": "#111"}}))
+        at = df[(df["layer"] == selected[0]) & (df["expert"] == selected[1])][x]
+        if len(at):
+            fig.add_trace(go.Scatter(x=[int(at.iloc[0])], y=[row[selected[0]]], mode="markers", name="selected",
+                                     hoverinfo="skip", marker={"symbol": "square-open", "size": max(cell + 2, 10),
+                                                               "line": {"width": 3, "color": "#d62728"}}))
     notes = row_notes or {}
-    left = 70 + (9 * max((len(n) for n in notes.values()), default=0) if notes else 0)
+    left = 70 + (8 * max((len(n) for n in notes.values()), default=0) if notes else 0)
     fig.update_layout(title={"text": title, "x": 0}, width=width + left - 70, height=height, font=FONT,
                       showlegend=False, margin={"l": left, "r": 20, "t": 50, "b": 50}, plot_bgcolor="white",
                       clickmode="event+select", dragmode=False)
-    fig.update_xaxes(title="expert", tickmode="linear", dtick=max(1, n_experts // 16), range=[-0.5, n_experts - 0.5],
-                     showgrid=False, zeroline=False, fixedrange=True)
-    ticks = [f"{layer} · {notes[layer]}" if layer in notes else str(layer) for layer in layers]
-    fig.update_yaxes(title="MoE layer", tickmode="array", tickvals=list(range(len(layers))), ticktext=ticks,
+    fig.update_xaxes(title=x_title, tickmode="linear", tick0=lo, dtick=_every(cell, 30) if n_cols > 16 else 1,
+                     range=[lo - 0.5, hi + 0.5], showgrid=False, zeroline=False, fixedrange=True)
+    step = _every(cell, 16)
+    shown = [i for i in range(len(layers)) if i % step == 0]
+    ticks = [f"{layers[i]} · {notes[layers[i]]}" if layers[i] in notes else str(layers[i]) for i in shown]
+    fig.update_yaxes(title="MoE layer", tickmode="array", tickvals=shown, ticktext=ticks,
                      range=[len(layers) - 0.5, -0.5], showgrid=False, zeroline=False, fixedrange=True)
+    return fig
+
+
+def coverage_lines(curves: pd.DataFrame, title: str, highlight: Sequence[int] = ()) -> go.Figure:
+    """Per layer, the share of routing carried by the top n experts (from :func:`core.coverage.coverage_curves`,
+    one task). Layers are shaded from light (first) to dark (last); ``highlight`` layers are drawn in red."""
+    fig = go.Figure()
+    layers = sorted(curves["layer"].unique())
+    n_experts = int(curves["n"].max())
+    for i, layer in enumerate(layers):
+        rows = curves[curves["layer"] == layer]
+        shade = 0.25 + 0.75 * i / max(1, len(layers) - 1)
+        colour = "#d62728" if layer in highlight else f"rgba(0,114,178,{shade:.2f})"
+        fig.add_trace(go.Scatter(x=rows["n"], y=rows["coverage"], mode="lines", name=f"layer {layer}",
+                                 line={"color": colour, "width": 3 if layer in highlight else 1.4},
+                                 hovertemplate=f"layer {layer}: top %{{x}} experts carry %{{y:.1%}}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[0, n_experts], y=[0, 1], mode="lines", name="uniform routing",
+                             line={"color": "#888", "dash": "dot"}, hoverinfo="skip"))
+    fig.update_layout(title={"text": title, "x": 0}, height=420, font=FONT, plot_bgcolor="white",
+                      margin={"l": 60, "r": 20, "t": 50, "b": 50}, showlegend=len(layers) <= 12,
+                      legend={"font": {"size": 11}})
+    fig.update_xaxes(title="top n experts of the layer", range=[0, n_experts], showgrid=True, gridcolor="#eee")
+    fig.update_yaxes(title="share of routing", tickformat=".0%", range=[0, 1.02], showgrid=True, gridcolor="#eee")
     return fig
 
 

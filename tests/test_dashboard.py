@@ -157,6 +157,28 @@ def test_utilization_controls_change_the_views(app):
     def top_tokens() -> list[str]:
         return list(next(d for d in app.dataframe if "token" in d.value.columns).value["token"])
 
+    # ranked: each layer's squares sorted by usage, most used first; a click still names the expert's id
+    app.radio[0].set_value("One task, experts ranked").run()
+    app.radio(key="util_value").set_value("share").run()
+    trace = json.loads(app.get("plotly_chart")[0].proto.spec)["data"][0]
+    values, rows = plotly_values(trace["marker"]["color"]), plotly_values(trace["y"])
+    for row in set(rows):
+        in_row = [v for v, r in zip(values, rows) if r == row]
+        assert in_row == sorted(in_row, reverse=True) and len(in_row) == 8
+    assert plotly_values(trace["x"])[:8] == list(range(8)) and "rank" in trace["hovertemplate"]
+    # zoom: a band of layers and experts
+    app.select_slider(key="util_zoom_layers").set_value((1, 2)).run()
+    app.slider(key="util_zoom_experts").set_value((2, 5)).run()
+    assert len(grid()) == 2 * 4
+    app.select_slider(key="util_zoom_layers").set_value((0, 3)).run()
+    app.slider(key="util_zoom_experts").set_value((0, 7)).run()
+    # the coverage curve: one line per layer rising to 100 %, and the experts needed per layer
+    cover = next(json.loads(c.proto.spec) for c in app.get("plotly_chart")
+                 if "top n experts" in json.loads(c.proto.spec)["layout"]["title"]["text"])
+    lines = [t for t in cover["data"] if t["name"].startswith("layer")]
+    assert len(lines) == 4 and all(plotly_values(t["y"])[-1] == pytest.approx(1.0) for t in lines)
+    assert any("Experts needed for 90%" in c.value for c in app.caption)
+
     app.radio[0].set_value("One task").run()
     before = top_tokens()
     app.selectbox(key="focus_expert").set_value(5).run()
@@ -200,6 +222,13 @@ def test_prune_page_updates_when_the_ratio_moves_and_reports_failures(app, tmp_p
     at_quarter = score(app, "qa"), metric(app, "Parameters")
     assert at_quarter[1] != at_half[1] and at_quarter != at_half
     assert app.session_state["plan"].layers[0].__len__() == 2
+    grid = next(json.loads(c.proto.spec) for c in app.get("plotly_chart")
+                if json.loads(c.proto.spec)["layout"]["title"]["text"].startswith("Kept experts"))
+    dropped = next(t for t in grid["data"] if t["name"] == "dropped")
+    assert dropped["marker"]["symbol"] == "square" and "rgba(255,255,255" in dropped["marker"]["color"]  # dimmed
+    assert len(plotly_values(dropped["x"])) == 4 * 6  # 6 of 8 dropped in each of 4 layers
+    ticks = grid["layout"]["yaxis"]["ticktext"]
+    assert len(ticks) == 4 and all(t.endswith("% kept") for t in ticks)  # each layer's kept share as a number
     assert not any("top1_agreement" in d.value.columns for d in app.dataframe)  # off by default: quicker
     app.toggle(key="prune_agreement").set_value(True).run()
     agreement = next(d.value for d in app.dataframe if "top1_agreement" in d.value.columns)

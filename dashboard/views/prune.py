@@ -3,7 +3,7 @@ the full model's as soon as a control moves. Searches (EEP, NAEE) run on request
 
 import streamlit as st
 
-from core import aggregate
+from core import aggregate, coverage
 from core.methods import catalog, quick_methods
 from core.results import (
     dropped_experts,
@@ -172,9 +172,15 @@ def show_result(plan, result) -> None:
         usage, own = aggregate.usage_for_plan(state.aggregated(profile, aggregate.expert_usage), task)
         over = f"share of {task}'s routing" if own else "mean share over the tasks"
         dropped = dropped_experts(plan, n)
-        st.plotly_chart(charts.expert_grid(usage, "share", "Kept and dropped (×) experts", over, dropped=dropped),
-                        width="content",
-                        config=charts.download_config("kept-experts"))
+        kept = coverage.kept_share(usage, dropped)
+        notes = {int(r.layer): f"{r.kept_share:.0%} kept" for r in kept.itertuples()}
+        st.plotly_chart(charts.expert_grid(usage, "share", "Kept experts (dropped ones dimmed)", over, dropped=dropped,
+                                           row_notes=notes),
+                        width="content", config=charts.download_config("kept-experts"))
+        low = kept.loc[kept["kept_share"].idxmin()]
+        st.caption(f"Beside each layer: the {over} its kept experts carry. Dropped experts are dimmed. Over all "
+                   f"layers the kept experts carry {kept['kept_share'].mean():.0%} on average (lowest "
+                   f"{low['kept_share']:.0%}, layer {int(low['layer'])}).")
 
 
 def show_tradeoff(plan, result, evaluate: list[str], calibration: str, top_k: int | None) -> None:
