@@ -26,14 +26,22 @@ if TYPE_CHECKING:
 # The one number per task kind that headlines a comparison.
 HEADLINE_METRIC = {"squad": "exact_match", "exact_match": "exact_match", "multiple_choice": "accuracy", "lm_loss": "nll"}
 # The metrics the harness reports where lower is better; every other metric is better higher.
-LOWER_IS_BETTER = frozenset({"nll", "perplexity"})
+LOWER_IS_BETTER = frozenset({"nll", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"})
+# lm-eval tasks ("lm_eval:NAME") report their own metrics; the first of these they report headlines them.
+LM_EVAL_HEADLINES = ("acc", "exact_match", "f1", "mcc", "word_perplexity")
+LM_EVAL_PREFIX = "lm_eval:"
 # Columns every sweep table has (besides metric_* columns).
 SWEEP_COLUMNS = ("method", "keep", "top_k", "eval_task")
 
 
 # ----- metrics ------------------------------------------------------------------------------------------
-def headline_metric(task: str) -> str:
-    """The metric that headlines ``task`` (a name or task folder)."""
+def headline_metric(task: str, metrics: Sequence[str] = ()) -> str:
+    """The metric that headlines ``task`` (a name or task folder). An lm-eval task ("lm_eval:NAME") has no
+    spec here: its headline is the first of :data:`LM_EVAL_HEADLINES` among the ``metrics`` it reported, else
+    its first reported metric, else "acc"."""
+    if task.startswith(LM_EVAL_PREFIX):
+        reported = [m for m in metrics if not m.endswith("_stderr")]
+        return next((m for m in LM_EVAL_HEADLINES if m in reported), reported[0] if reported else "acc")
     return HEADLINE_METRIC[get_task_spec(task).metric]
 
 
@@ -99,6 +107,8 @@ def result_row(result: EvalResult, **keys: object) -> dict[str, object]:
     row = dict(keys)
     row.update({"eval_task": result.task, "split": result.split, "examples": result.n_examples,
                 "eval_seconds": result.seconds, "plan_digest": result.plan_digest})
+    if getattr(result, "weights_digest", None):  # lm-eval results carry the digest of the weights they scored
+        row["weights_digest"] = result.weights_digest
     row.update({f"metric_{k}": v for k, v in result.metrics.items()})
     row.update({f"agreement_{k}": v for k, v in result.agreement.items()})
     row.update({k: v for k, v in result.cost.items()})

@@ -74,6 +74,7 @@ def test_results_go_into_sweep_rows(runner, sample_model):
     row = plan_row(result, plan, sample_model.n_experts, sample_model.top_k)
     assert row["eval_task"] == "lm_eval:moescope_qa_choice" and row["plan_digest"] == plan.digest()
     assert row["keep"] == sample_model.n_experts // 2 and "metric_acc" in row and "metric_acc_stderr" in row
+    assert row["weights_digest"] == sample_model.weights_digest()  # the row names the weights it scored
 
 
 @pytest.mark.slow

@@ -30,6 +30,15 @@ def test_headline_metric_and_direction():
     assert not results.higher_is_better("perplexity") and results.higher_is_better("f1")
 
 
+def test_lm_eval_tasks_headline_the_metric_they_report():
+    # An lm-eval task has no MoEScope spec: its headline comes from what it reported, stderr columns aside.
+    assert results.headline_metric("lm_eval:arc_easy", ["acc_stderr", "acc_norm", "acc"]) == "acc"
+    assert results.headline_metric("lm_eval:gsm8k", ["exact_match_stderr", "exact_match"]) == "exact_match"
+    assert results.headline_metric("lm_eval:custom", ["bleu_stderr", "bleu"]) == "bleu"
+    assert results.headline_metric("lm_eval:wikitext") == "acc"
+    assert results.better(results.headline_metric("lm_eval:wikitext", ["word_perplexity"])) == "lower"
+
+
 def test_experts_kept_is_the_plans_and_all_without_one():
     plan = Plan(layers={0: [0, 1, 2], 1: [0, 1, 2]}, top_k=1, extra={"method": "frequency", "seed": None})
     assert results.experts_kept(plan, 8) == 3 == plan.experts_kept(8)

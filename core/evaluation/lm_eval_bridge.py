@@ -147,6 +147,8 @@ class LmEvalRunner:
                 raise
         seconds = time.perf_counter() - start
         results = _to_results(output, plan, seconds, plan_cost(self.mm, plan))
+        for result in results:  # a result row names the weights it scored (task, metric, value, stderr, digests)
+            result.weights_digest = self._digest
         self._results.put(key, results)
         return results
 
