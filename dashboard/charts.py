@@ -58,6 +58,16 @@ def expert_colour(expert: int) -> str:
     return EXPERT_PALETTE[expert % len(EXPERT_PALETTE)]
 
 
+# For the most-used experts of a large model (the rest are grey): the palette without its two greys.
+RANKED_PALETTE = [c for c in EXPERT_PALETTE if c not in ("#7F7F7F", "#BBBBBB")]
+OTHER_EXPERTS = "#BDBDBD"
+
+
+def ranked_colour(rank: int) -> str:
+    """The colour of the ``rank``-th most used expert (rank < 14 all differ and none is grey)."""
+    return RANKED_PALETTE[rank % len(RANKED_PALETTE)]
+
+
 def _grid_size(n_experts: int, n_layers: int) -> tuple[float, int, int]:
     """Cell, width and height in pixels: the grid fills about 1100 pixels across (at most 56 per square), and
     its height follows the layer count (at least 5 pixels a row, so 61 layers stay on one screen)."""

@@ -4,6 +4,7 @@ can be saved."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -87,3 +88,31 @@ def test_charts_can_be_saved(name):
     config = charts.download_config(name)
     assert config["displayModeBar"] and config["toImageButtonOptions"]["format"] in ("png", "svg")
     assert "toImage" not in config["modeBarButtonsToRemove"]
+
+
+def _usage_grid(n_layers: int, n_experts: int) -> pd.DataFrame:
+    layers, experts = np.meshgrid(np.arange(n_layers), np.arange(n_experts), indexing="ij")
+    return pd.DataFrame({"layer": layers.ravel(), "expert": experts.ravel(),
+                         "share": np.random.default_rng(0).random(n_layers * n_experts)})
+
+
+@pytest.mark.parametrize("n_layers, n_experts", [(4, 8), (24, 128), (61, 256)])
+def test_expert_grid_sizes_itself_to_the_model(n_layers, n_experts):
+    fig = charts.expert_grid(_usage_grid(n_layers, n_experts), "share", "t", "share",
+                             dropped=[(0, 1)], row_notes={i: "50% kept" for i in range(n_layers)})
+    cell = (fig.layout.height - 120) / n_layers
+    assert 5 <= cell and fig.layout.height <= 1100 and fig.layout.width <= 1600  # height follows the layers
+    if n_experts >= 128:
+        assert fig.data[0].marker.size >= cell - 0.5  # squares touch: no white gaps between rows
+    labels = fig.layout.yaxis.ticktext
+    assert len(labels) * 16 <= n_layers * cell + 16  # at least 16 px per label: they never overlap
+    assert labels[0] == "0 · 50% kept"
+    x_labels = (n_experts - 1) // fig.layout.xaxis.dtick + 1
+    assert x_labels * 30 <= n_experts * cell + 30
+    veil = next(t for t in fig.data if t.name == "dropped")
+    assert veil.marker.symbol == "square" and veil.marker.color.startswith("rgba(255,255,255")  # dimmed
+
+
+def test_ranked_colours_skip_grey_and_differ():
+    colours = [charts.ranked_colour(i) for i in range(12)]
+    assert len(set(colours)) == 12 and charts.OTHER_EXPERTS not in colours and "#7F7F7F" not in colours

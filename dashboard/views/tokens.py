@@ -5,7 +5,7 @@ import html
 
 import streamlit as st
 
-from core import aggregate
+from core import aggregate, coverage
 from dashboard import charts, state
 
 st.title("Tokens by routed expert")
@@ -22,19 +22,30 @@ layer = c3.select_slider("Layer", layers, value=layers[-1], key="tok_layer", per
 
 prompt = state.aggregated(profile, aggregate.prompt_routes, task, int(example), layer)
 texts = mm.token_texts(prompt["token_id"].tolist())
+first = [int(experts[0]) for experts in prompt["experts"]]
+# Up to 12 experts get their own colour: all of a small model's, else the example's most chosen; the rest grey.
+coloured = list(range(n_experts)) if n_experts <= 12 else coverage.most_chosen_experts(first, 12)
+palette = {e: charts.expert_colour(e) if n_experts <= 12 else charts.ranked_colour(i) for i, e in enumerate(coloured)}
+GREY = charts.OTHER_EXPERTS
 spans = []
 for text, experts, weights in zip(texts, prompt["experts"], prompt["weights"]):
-    colour = charts.expert_colour(experts[0])
-    tip = "experts " + ", ".join(f"{e} ({w:.2f})" for e, w in zip(experts, weights))
+    colour = palette.get(int(experts[0]), GREY)
+    tip = f"first choice: expert {experts[0]} · top-k " + ", ".join(f"{e} ({w:.2f})" for e, w in zip(experts, weights))
     shown = html.escape(text).replace("\n", "↵<br>")
     spans.append(f"<span title='{html.escape(repr(text))} → {tip}' style='background:{colour}40;"
                  f"border-bottom:3px solid {colour};padding:1px 0;margin:0 1px'>{shown}</span>")
 st.html("<div style='font-family:ui-monospace,monospace;font-size:15px;line-height:2.1;white-space:pre-wrap'>"
         + "".join(spans) + "</div>")
-legend = "".join(f"<span style='display:inline-block;margin:2px 10px 2px 0'><span style='display:inline-block;"
-                 f"width:14px;height:14px;background:{charts.expert_colour(e)};vertical-align:middle'></span>"
-                 f" expert {e}</span>" for e in range(n_experts))
+swatch = ("<span style='display:inline-block;margin:2px 10px 2px 0'><span style='display:inline-block;"
+          "width:14px;height:14px;background:{};vertical-align:middle'></span> {}</span>")
+legend = "".join(swatch.format(palette[e], f"expert {e}") for e in coloured)
+others = sorted(set(first) - set(coloured))
+if others:
+    legend += swatch.format(GREY, f"{len(others)} other experts (hover a token for its id)")
 st.html(f"<div style='font-size:13px'>{legend}</div>")
+if n_experts > 12:
+    st.caption(f"This example's {len(coloured)} most chosen first-choice experts at layer {layer} have colours; "
+               f"the other {n_experts - len(coloured)} of {n_experts} are grey.")
 st.caption("Colour = first-choice expert at this layer. Hover a token for its top-k experts and gate weights.")
 
 st.subheader("Do consecutive tokens share an expert?")
