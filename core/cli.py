@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from .commands import (cmd_dashboard, cmd_evaluate, cmd_export, cmd_info, cmd_merge_profiles,
-                       cmd_profile, cmd_prune, cmd_sweep, cmd_train_sample)
+                       cmd_profile, cmd_prune, cmd_report, cmd_sweep, cmd_train_sample)
 from .errors import user_message
 
 
@@ -213,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier MoEScope profile at --out")
     p.set_defaults(func=cmd_merge_profiles)
+
+    p = sub.add_parser("report", help="write a self-contained HTML report of a profile, plans and results")
+    p.add_argument("--profile", required=True, help="routing profile (.parquet with its .json sidecar)")
+    p.add_argument("--plan", action="append", default=[], help="a plan JSON to report on; repeatable")
+    p.add_argument("--results", help="a sweep table (.csv or .parquet) of evaluated settings")
+    p.add_argument("--out", required=True, help="HTML file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier MoEScope report at --out")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("dashboard", help="open the dashboard at http://127.0.0.1:PORT (this machine only)")
     p.add_argument("model", nargs="?", help="model directory or hub id (default: the bundled sample model)")

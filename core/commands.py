@@ -260,6 +260,23 @@ def cmd_merge_profiles(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from dashboard.report import report_html  # the HTML and figures are the dashboard's; core stays below it
+
+    from .atomic import atomic_write_text
+    from .report import build_report_data
+
+    inputs = [args.profile, *args.plan, *([args.results] if args.results else [])]
+    for path in inputs:
+        if not Path(path).is_file():
+            raise MoEScopeError(f"No file at {path}.")
+    out = check_output(args.out, "report", args.overwrite, sources=inputs, source_label="input")
+    with output_lock(out):
+        data = build_report_data(args.profile, args.plan, args.results, out=args.out)
+        atomic_write_text(out, report_html(data))
+    print(f"wrote {args.out} ({out.stat().st_size / 1024:.0f} KB)")
+
+
 def dashboard_command(model: str | None, port: int, address: str = "127.0.0.1") -> list[str]:
     """The Streamlit command line: address, port, upload limit and look explicit, so no config file in the
     current directory decides them (``.streamlit/config.toml`` holds the same settings for ``streamlit run``)."""

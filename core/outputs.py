@@ -2,7 +2,8 @@
 
 **Overwriting.** ``--overwrite`` replaces a target only when the target is an earlier MoEScope output of the
 same kind (:func:`check_output`): an export directory holding ``moescope-plan.json`` and nothing but
-checkpoint files, a profile whose sidecar says ``moescope-profile``, a plan JSON, a sweep table. Anything else
+checkpoint files, a profile whose sidecar says ``moescope-profile``, a plan JSON, a sweep table, an HTML
+report whose head names MoEScope as its generator. Anything else
 is refused even with ``--overwrite``: a folder holding the source model (compared by resolved path and by
 inode, so symlinks, ``..`` and bind mounts do not hide it), the current or home directory, a folder with
 other files, a foreign ``config.json`` that a profile's sidecar would replace.
@@ -36,7 +37,8 @@ except ImportError:  # pragma: no cover - Windows
 EXPORT_MARKER = "moescope-plan.json"
 PROFILE_FORMAT = "moescope-profile"
 PLAN_FORMAT = "moescope-plan"
-KINDS = ("export", "profile", "plan", "table")
+KINDS = ("export", "profile", "plan", "table", "report")
+REPORT_MARKER = '<meta name="generator" content="moescope-report">'  # in the head of every HTML report
 
 # Files an export directory may hold besides the marker: what save_pretrained and tokenizers write.
 _EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
@@ -114,6 +116,13 @@ def _is_moescope_output(target: Path, kind: str) -> str | None:
         except MoEScopeError:
             return "it is not a MoEScope sweep table"
         return None
+    if kind == "report":
+        try:
+            with target.open(encoding="utf-8", errors="replace") as f:
+                head = f.read(4096)
+        except OSError:
+            head = ""
+        return None if REPORT_MARKER in head else "it is not a MoEScope report"
     raise ValueError(f"unknown output kind {kind!r}")
 
 
