@@ -120,3 +120,21 @@ def test_report_renders_offline_in_chromium(inputs, tmp_path):
         if Path("docs/screenshots").is_dir():
             page.set_viewport_size({"width": 1300, "height": 900})
             page.screenshot(path=str(tmp_path / "report.png"), full_page=False)
+
+
+@pytest.mark.slow  # runs the app in process
+def test_export_page_builds_the_report(dashboard_home_copy, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("MOESCOPE_HOME", str(dashboard_home_copy))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py"), default_timeout=300)
+    at.run()
+    at.switch_page("views/export.py").run()
+    assert not at.exception, at.exception
+    assert "report_html" not in at.session_state
+    next(b for b in at.button if b.label == "Build report (HTML)").click().run()
+    assert not at.exception, at.exception
+    page = at.session_state["report_html"]
+    for key in SECTIONS:
+        assert f'<section id="{key}">' in page
+    assert "Coverage curves on" in page

@@ -1,12 +1,39 @@
-"""Export: download the plan, or write the pruned (and merged) checkpoint that plain transformers loads."""
+"""Export: download the plan or a shareable HTML report, or write the pruned (and merged) checkpoint that plain
+transformers loads."""
 
 
+import pandas as pd
 import streamlit as st
 
 from core.export import directory_bytes, export_pruned
 from core.plan import Plan, validate_plan
 from core.results import experts_kept, plan_name
 from dashboard import state
+
+
+
+def report_section(mm, plan: Plan | None) -> None:
+    """Build the HTML report of the active profile, this session's plan and every setting evaluated so far
+    (``moescope report`` makes the same file), then offer it for download."""
+    st.subheader("Report for the room")
+    st.caption("One self-contained HTML file (Plotly inlined, opens offline): model card, usage and coverage per "
+               "task, task divergence, trade-offs of every evaluated setting, the plan against the full model.")
+    if st.button("Build report (HTML)"):
+        profile = state.active_profile(mm, auto=False)
+        if profile is not None:
+            from core.report import build_report_data
+            from dashboard.report import report_html
+
+            tables = [t for t in [state.workbench().sweep_table(), *st.session_state.get("sweep_tables", [])]
+                      if not t.empty]
+            with state.shown_errors("Could not build the report"), st.spinner("Building the report…"):
+                data = build_report_data(profile.path, plans=[plan] if plan is not None else [],
+                                         table=pd.concat(tables, ignore_index=True) if tables else None)
+                st.session_state["report_html"] = report_html(data)
+    if "report_html" in st.session_state:
+        st.download_button("Download report (HTML)", st.session_state["report_html"],
+                           file_name="moescope-report.html", mime="text/html")
+
 
 st.title("Export")
 mm = state.current_model()
@@ -29,6 +56,8 @@ if st.session_state.pop("plan_restored", False):
     st.info("Restored the latest plan made on this model (this page was reloaded).")
 if plan is None:
     st.info("No plan yet: choose one on the **Prune** page, or upload a plan JSON above.")
+    st.divider()
+    report_section(mm, None)
     st.stop()
 
 method = plan.extra.get("method", "custom")
@@ -42,6 +71,9 @@ st.markdown(f"Experts kept per MoE layer: **{', '.join(f'{l}: {c}' for l, c in k
             f"{' · merged experts' if plan.merge else ''}{' · dynamic skipping' if plan.dynamic_skip else ''}")
 st.download_button("Download plan JSON", plan.to_json(), file_name=f"plan-{method}-{plan.digest()[:8]}.json",
                    mime="application/json", type="primary")
+
+st.divider()
+report_section(mm, plan)
 
 st.divider()
 st.subheader("Write the pruned checkpoint")
