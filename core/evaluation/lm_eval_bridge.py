@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -201,3 +202,76 @@ def run_lm_eval(mm: MoEModel, tasks: Sequence[str], plan: Plan | None = None, in
     if progress:
         progress("done", len(names), len(names))
     return results
+
+
+class LmEvalStopped(MoEScopeError):
+    """Raised inside lm-eval's model call when a Stop was asked for; the task's partial work is dropped."""
+
+
+class LmEvalJob:
+    """lm-eval tasks for a plan and for the full model, in a background thread, with progress counted per model
+    call (one batch of requests) and a Stop that takes effect at the next batch. Results land in the runner's
+    cache, so a second job with the same digests finishes without calling lm-eval."""
+
+    def __init__(self, runner: LmEvalRunner, tasks: Sequence[str], plan: Plan | None, limit: int | None) -> None:
+        self.runner, self.tasks, self.plan, self.limit = runner, list(tasks), plan, limit
+        self.stop_event = threading.Event()
+        self.batches, self.stage, self.error = 0, "starting", None
+        self.pruned: list[EvalResult] = []
+        self.full: list[EvalResult] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "LmEvalJob":
+        self.thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _counted(self, call: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if self.stop_event.is_set():
+                raise LmEvalStopped("Stopped: lm-eval was interrupted between batches; finished tasks are kept.")
+            self.batches += 1
+            return call(*args, **kwargs)
+        return wrapper
+
+    def _run(self) -> None:
+        lm = self.runner.lm
+        originals = {n: getattr(lm, n) for n in ("_model_call", "_model_generate")}
+        for name, call in originals.items():
+            setattr(lm, name, self._counted(call))
+        try:
+            for name in self.tasks:
+                for plan, into in ((self.plan, self.pruned), (None, self.full)):
+                    if self.stop_event.is_set():
+                        raise LmEvalStopped("Stopped between tasks; finished tasks are kept.")
+                    self.stage = f"{name} ({'full model' if plan is None else 'plan'})"
+                    into.extend(self.runner.evaluate(name, plan=plan, limit=self.limit))
+            self.stage = "done"
+        except Exception as exc:  # noqa: BLE001 - shown on the page as one line
+            self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.stage = "stopped" if isinstance(exc, LmEvalStopped) else "failed"
+        finally:
+            for name in originals:
+                vars(lm).pop(name, None)  # back to the class's methods
+
+
+def comparison_rows(pruned: Sequence[EvalResult], full: Sequence[EvalResult]) -> list[dict[str, Any]]:
+    """One row per task and metric: the plan's value ± stderr beside the full model's, and the change."""
+    full_by_task = {r.task: r for r in full}
+    rows = []
+    for result in pruned:
+        reference = full_by_task.get(result.task)
+        for metric, value in result.metrics.items():
+            if metric.endswith("_stderr"):
+                continue
+            base = reference.metrics.get(metric) if reference else None
+            rows.append({"task": result.task, "metric": metric, "pruned": value,
+                         "stderr": result.metrics.get(f"{metric}_stderr"), "full": base,
+                         "delta": None if base is None else value - base})
+    return rows
