@@ -49,9 +49,26 @@ class ModelInfo:
     weight_bytes: int
     dtype: str
     device: str
+    text_tower: str = ""  # set only for the MoE text decoder of a multimodal family
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The summary's fields; ``text_tower`` only for a multimodal family's text decoder."""
+        return {k: v for k, v in asdict(self).items() if k != "text_tower" or v}
+
+
+def multimodal_parent(config: Any) -> str | None:
+    """The multimodal model type whose MoE text decoder ``config`` describes (``qwen3_5_moe`` for
+    ``qwen3_5_moe_text``, which a multimodal checkpoint loads as), or None for a text-only family."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = getattr(config, "model_type", "") or ""
+    if config.get_text_config() is not config:
+        return model_type
+    parent = model_type.removesuffix("_text")
+    if parent == model_type or parent not in CONFIG_MAPPING:
+        return None
+    sub_configs = getattr(CONFIG_MAPPING[parent], "sub_configs", None) or {}
+    return parent if set(sub_configs) - {"text_config"} else None
 
 
 class MoEModel:
@@ -209,7 +226,16 @@ class MoEModel:
             weight_bytes=sum(p.numel() * p.element_size() for p in params),
             dtype=str(first.dtype).replace("torch.", ""),
             device=str(first.device),
+            text_tower=_text_tower_note(self.config),
         )
+
+
+def _text_tower_note(config: Any) -> str:
+    parent = multimodal_parent(config)
+    if parent is None:
+        return ""
+    return (f"text tower of a multimodal model ({parent}): only the text decoder is profiled and pruned, and an "
+            "export holds the text decoder alone")
 
 
 def load_model(source: str | Path, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False,

@@ -130,3 +130,42 @@ def test_dense_layers_and_grouped_routing_of_discovered_families(model_type, ove
     for check in (test_engine.test_recording_equals_router_outputs, test_engine.test_counts_match_output_router_logits,
                   test_engine.test_masking_matches_export_and_undoes_exactly):
         check(model_type, None, tmp_path, _Shared(model))
+
+
+def _multimodal_checkpoint(model_type, folder):
+    """A tiny multimodal checkpoint (vision tower and MoE text decoder) saved as its image-text-to-text class."""
+    from transformers import AutoModelForImageTextToText
+
+    config = tiny_config(model_type)
+    small = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32}
+    for name, value in small.items():
+        if hasattr(config.vision_config, name):
+            setattr(config.vision_config, name, value)
+    torch.manual_seed(0)
+    return save_checkpoint(AutoModelForImageTextToText.from_config(config), folder)
+
+
+def test_info_says_a_multimodal_checkpoint_is_profiled_by_its_text_tower(tmp_path, capsys):
+    model_dir = _multimodal_checkpoint("qwen3_5_moe", tmp_path / "vl")
+    assert json.loads((model_dir / "config.json").read_text())["model_type"] == "qwen3_5_moe"
+    capsys.readouterr()
+    assert main(["info", str(model_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["text_tower"] == ("text tower of a multimodal model (qwen3_5_moe): only the text decoder is "
+                                  "profiled and pruned, and an export holds the text decoder alone")
+    assert info["n_experts"] == 8 and info["moe_layers"] == [0, 1]
+    assert main(["info", str(model_dir)]) == 0
+    assert "text tower of a multimodal model (qwen3_5_moe)" in capsys.readouterr().out
+    # As the note says: the export is the pruned text decoder, a causal LM without the vision tower.
+    plan = tmp_path / "plan.json"
+    Plan(layers={0: KEEP, 1: KEEP}, top_k=2).save(plan)
+    assert main(["export", str(model_dir), "--plan", str(plan), "--out", str(tmp_path / "pruned")]) == 0
+    assert config_of(tmp_path / "pruned")["model_type"] == "qwen3_5_moe_text"
+    assert MoEModel(AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")).n_experts == len(KEEP)
+
+
+def test_info_of_a_text_only_family_has_no_text_tower_note(tmp_path, capsys):
+    model_dir = save_checkpoint(build_family("cohere2_moe"), tmp_path / "model")
+    capsys.readouterr()
+    assert main(["info", str(model_dir), "--json"]) == 0
+    assert "text_tower" not in json.loads(capsys.readouterr().out)
