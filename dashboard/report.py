@@ -55,6 +55,13 @@ def _divergence_figure(divergence: pd.DataFrame) -> go.Figure:
                               "JS divergence (bits)")
 
 
+def _change(relative: float) -> str:
+    """-0.25 -> "25.0% smaller"; 0 -> "unchanged"."""
+    if abs(relative) < 5e-4:
+        return "unchanged"
+    return f"{abs(relative):.1%} {'smaller' if relative < 0 else 'larger'}"
+
+
 def _plan_block(plan: PlanSummary, figure: _Figures, data: ReportData) -> str:
     parts = [f"<h3>{html.escape(plan.name)}</h3>",
              f"<p>Plan digest <code>{plan.digest}</code>; {plan.kept} experts kept per layer "
@@ -62,7 +69,7 @@ def _plan_block(plan: PlanSummary, figure: _Figures, data: ReportData) -> str:
     if plan.savings:
         words = {"total_params": "parameters", "active_params": "active parameters per token",
                  "weight_bytes": "weight memory"}
-        parts.append("<ul>" + "".join(f"<li>{words[k]}: {-v:.1%} smaller</li>" for k, v in plan.savings.items())
+        parts.append("<ul>" + "".join(f"<li>{words[k]}: {_change(v)}</li>" for k, v in plan.savings.items())
                      + "</ul>")
     if plan.scores.empty:
         parts.append('<p class="note">No evaluated rows of this plan in the results table; pass '

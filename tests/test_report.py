@@ -51,7 +51,7 @@ def test_report_has_every_section_and_no_external_url(inputs):
     for key, heading in SECTIONS.items():
         assert f'<section id="{key}"><h2>{heading}</h2>' in page
     assert "Trade-off on qa" in page  # the sweep's task charted
-    assert "30.0% smaller" in page  # 700 of 1000 parameters, measured by the table's rows of the plan
+    assert "parameters: 30.0% smaller" in page and "active parameters per token: unchanged" in page
     assert Plan.load(inputs["plan"]).digest() in page and data.digests["profile fingerprint"] in page
     assert page.count("<script") >= 1 and page.count("Plotly.newPlot") >= 6
     markup = _outside_scripts(page)
