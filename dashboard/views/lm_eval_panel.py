@@ -35,7 +35,8 @@ def render_lm_eval_panel(mm, plan) -> None:
             st.info(INSTALL)
             return
         bundled = sorted(p.stem for p in BUNDLED.glob("*.yaml"))
-        chosen = st.multiselect("Bundled tasks", bundled, default=[t for t in bundled if t.endswith("_choice")][:1], key="lm_eval_tasks")
+        default = [t for t in bundled if t.endswith("_choice")][:1]
+        chosen = st.multiselect("Bundled tasks", bundled, default=default, key="lm_eval_tasks")
         other = st.text_input("Other lm-eval task names (comma-separated)", key="lm_eval_other")
         limit = st.number_input("Examples per task (0 = all)", min_value=0, value=24, step=8, key="lm_eval_limit")
         tasks = chosen + [t.strip() for t in other.split(",") if t.strip()]
