@@ -103,6 +103,24 @@ def plan_summary(plan: Plan, n_experts: int, top_k: int, table: pd.DataFrame | N
                        dropped_experts(plan, n_experts), scores, savings)
 
 
+def prune_command(plan: Plan, model: str, n_experts: int, out: str) -> str | None:
+    """The ``moescope prune`` command that remakes ``plan`` from its provenance (method, experts kept, top-k,
+    calibration task, split, limit, seed); None when the plan does not record its method and calibration."""
+    method, calibration = plan.extra.get("method"), plan.extra.get("calibration") or {}
+    if not method or not calibration.get("task"):
+        return None
+    command = ["moescope", "prune", plan.model or model, "--method", str(method),
+               "--keep", str(experts_kept(plan, n_experts))]
+    if plan.top_k:
+        command += ["--top-k", str(plan.top_k)]
+    command += ["--task", str(calibration["task"]), "--split", str(calibration.get("split") or "calibration")]
+    if calibration.get("limit"):
+        command += ["--limit", str(calibration["limit"])]
+    if plan.extra.get("seed") is not None:
+        command += ["--seed", str(plan.extra["seed"])]
+    return " ".join(shlex.quote(c) for c in [*command, "--out", out])
+
+
 def reproduce_commands(profile_path: Path, plan_paths: list[Path], results_path: Path | None,
                        out: Path | None) -> list[str]:
     """The ``moescope report`` command that rebuilds this report (the profile, plans and table record how
@@ -142,9 +160,11 @@ def build_report_data(profile_path: str | Path, plan_paths: list[str | Path] = (
     return ReportData(model_card=model_card(profile), usage=usage, coverage=coverage_curves(usage),
                       divergence=task_divergence(profile), tradeoffs=tradeoffs,
                       plans=[plan_summary(p, meta.n_experts, meta.top_k, table) for p in loaded],
-                      reproduce=reproduce_commands(Path(profile_path), [Path(p) for p in plan_paths],
-                                                   None if results_path is None else Path(results_path),
-                                                   None if out is None else Path(out)),
+                      reproduce=[c for i, p in enumerate(loaded)
+                                 if (c := prune_command(p, meta.model, meta.n_experts, f"plan-{i + 1}.json"))]
+                      + reproduce_commands(Path(profile_path), [Path(p) for p in plan_paths],
+                                           None if results_path is None else Path(results_path),
+                                           None if out is None else Path(out)),
                       digests=digests)
 
 

@@ -138,3 +138,13 @@ def test_export_page_builds_the_report(dashboard_home_copy, monkeypatch):
     for key in SECTIONS:
         assert f'<section id="{key}">' in page
     assert "Coverage curves on" in page
+
+
+def test_reproduce_names_the_prune_command_from_the_plan_provenance():
+    from core.report import prune_command
+
+    plan = Plan({0: [0, 1], 1: [2, 3]}, top_k=1, extra={"method": "frequency", "seed": 3,
+                                                      "calibration": {"task": "qa", "split": "calibration", "limit": 20}})
+    assert prune_command(plan, "m", 8, "p.json") == ("moescope prune m --method frequency --keep 2 --top-k 1 "
+                                                     "--task qa --split calibration --limit 20 --seed 3 --out p.json")
+    assert prune_command(Plan({0: [0]}, extra={"method": "random"}), "m", 8, "p.json") is None  # no calibration
