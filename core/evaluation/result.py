@@ -24,6 +24,7 @@ class EvalResult:
     agreement: dict[str, float] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=dict)
     plan_digest: str | None = None
+    weights_digest: str | None = None  # the routers' weights digest of the scored model (lm-eval results carry it)
     seconds: float = 0.0
     predictions: list[str] = field(default_factory=list)
 
