@@ -45,12 +45,7 @@ REFUSED: dict[str, str] = {
 }
 
 # model_type -> why the suite cannot check it on a tiny model yet: neither supported (verified) nor refused.
-UNVERIFIED: dict[str, str] = {
-    "dots3_note": "its config raises on reading per-layer attributes (num_attention_heads) globally, which the "
-                  "suite's tiny-config builder does; no tiny model built",
-    "dots3_note_text": "its config raises on reading per-layer attributes (num_attention_heads) globally, which the "
-                       "suite's tiny-config builder does; no tiny model built",
-}
+UNVERIFIED: dict[str, str] = {}
 
 
 def refuse_if_unsupported(model_type: str | None) -> None:

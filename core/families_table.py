@@ -38,10 +38,11 @@ def coverage(rows: list[dict[str, str]]) -> tuple[int, int, int]:
 def render() -> str:
     rows = family_rows()
     supported, refused, found = coverage(rows)
+    unverified = found - supported - refused
+    rest = f"; the other {unverified} are discovered but not yet verified." if unverified else "."
     lines = [BEGIN, "",
-             f"{supported} of {found} MoE causal-LM families of the installed transformers are supported and checked "
-             f"on a tiny model; {refused} are refused with the reason below; the other {found - supported - refused} "
-             f"are discovered but not yet verified.", "",
+             (f"{supported} of {found} MoE causal-LM families of the installed transformers are supported and checked "
+              f"on a tiny model; {refused} are refused with the reason below{rest}"), "",
              "| " + " | ".join(title for _, title in COLUMNS) + " |",
              "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(key, row[key]) for key, _ in COLUMNS) + " |" for row in rows]

@@ -37,6 +37,15 @@ PER_FAMILY = {
     "kolibri1_1": dict(head_dim=16, index_num_heads=1),
     "inkling2_text": dict(unpadded_vocab_size=128),
     "inkling2_loop_text": dict(unpadded_vocab_size=128),
+    "dots3_note_text": dict(head_dim=16, index_head_dim=8, index_n_heads=2, index_topk=16,
+                            shared_experts_intermediate_size=32),
+    "dots3_note": dict(vision_config=dict(adapter_out_dim=32), audio_config=dict(adapter_out_dim=32)),
+}
+# Arguments for a family's default config, where its defaults cannot be read globally: Dots3-Note's sliding-window
+# layers take their attention sizes from per-layer configs, so its tiny model keeps the indexed-attention layers.
+DEFAULT_ARGS = {
+    "dots3_note_text": dict(use_sliding_window=False),
+    "dots3_note": dict(text_config=dict(use_sliding_window=False)),
 }
 
 
@@ -73,8 +82,8 @@ def tiny_config(model_type: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cls = CONFIG_MAPPING[model_type]
-        default = cls()
-        kwargs = _text_overrides(default)
+        default = cls(**DEFAULT_ARGS.get(model_type, {}))
+        kwargs = {**DEFAULT_ARGS.get(model_type, {}), **_text_overrides(default)}
         text = getattr(default, "text_config", None)
         if text is not None and not isinstance(text, dict):
             kwargs["text_config"] = {**text.to_dict(), **_text_overrides(text), **PER_FAMILY.get(text.model_type, {})}
