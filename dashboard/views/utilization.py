@@ -25,6 +25,8 @@ def select_cell() -> None:
     if cells:  # curve 0 is the grid; later curves are overlays (dimmed experts, the outline of the current choice)
         point = cells[0]
         data = point.get("customdata")
+        if isinstance(data, dict):  # a typed array arrives as {"0": layer, "1": expert, "2": value}
+            data = [data[k] for k in sorted(data, key=int)]
         if data:  # (layer, expert, value): right in every column order (expert ids or ranks) and zoom
             st.session_state["focus_layer"], st.session_state["focus_expert"] = int(data[0]), int(data[1])
         else:  # rows are the shown MoE layers in order, columns expert ids
