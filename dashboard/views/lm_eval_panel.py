@@ -51,18 +51,23 @@ def render_lm_eval_panel(mm, plan) -> None:
                 return
             job = st.session_state["lm_eval_job"] = LmEvalJob(runner, tasks, plan, int(limit) or None).start()
             job.thread.join(timeout=0.5)  # cached results come back at once
-        _show(job, comparison_rows)
+        if job is not None and job.running:
+            _live(job)
+        elif job is not None:
+            _results(job, comparison_rows)
 
 
 @st.fragment(run_every=1.0)
-def _show(job, comparison_rows) -> None:
-    if job is None:
-        return
-    if job.running:
-        st.progress(0.0, text=f"lm-eval: {job.stage}, {job.batches} batches")
-        if st.button("Stop", key="lm_eval_stop"):
-            job.stop()
-        return
+def _live(job) -> None:
+    """Progress and Stop, refreshed each second while the job runs (and only then)."""
+    if not job.running:
+        st.rerun()  # the whole page: the results replace this view and the refreshing stops
+    st.progress(0.0, text=f"lm-eval: {job.stage}, {job.batches} batches")
+    if st.button("Stop", key="lm_eval_stop"):
+        job.stop()
+
+
+def _results(job, comparison_rows) -> None:
     if job.error:
         (st.warning if job.stage == "stopped" else st.error)(job.error)
     rows = comparison_rows(job.pruned, job.full)

@@ -16,6 +16,7 @@ from core.results import (
 )
 from core.workbench import PlanRequest
 from dashboard import charts, state
+from dashboard.views.lm_eval_panel import render_lm_eval_panel
 
 METHODS = catalog()  # name -> what the method says about itself (label, kind, parameters)
 LIMITS = [25, 50, 100, 200, 0]
@@ -127,6 +128,7 @@ def bench_panel() -> None:
     if plan is None:
         return
     state.remember_plan(mm, plan)  # kept on disk too: a reload of the browser finds it again
+    render_lm_eval_panel(mm, plan)  # standard benchmarks on request, in the background (collapsed)
     if not evaluate:
         st.warning("Choose at least one evaluation task.")
         return
