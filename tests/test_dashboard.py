@@ -279,6 +279,10 @@ def test_prune_page_updates_when_the_ratio_moves_and_reports_failures(app, tmp_p
     assert any("Evaluation" in e.value for e in app.error)
 
 
+def export_button(app):
+    return next(b for b in app.button if b.label == "Export checkpoint")
+
+
 def test_export_page_writes_the_checkpoint_and_refuses_an_existing_directory(app, tmp_path):
     goto(app, "export")
     assert any("No plan yet" in i.value for i in app.info)
@@ -287,10 +291,10 @@ def test_export_page_writes_the_checkpoint_and_refuses_an_existing_directory(app
     assert app.subheader[0].value.startswith("frequency: 4 of 8 experts kept per layer")  # words, not a hash
     out = tmp_path / "pruned"
     app.text_input[0].input(str(out)).run()
-    app.button[0].click().run()
+    export_button(app).click().run()
     assert any(f"Wrote {out}" in s.value for s in app.success)
     assert AutoModelForCausalLM.from_pretrained(out).config.num_local_experts == 4
-    app.button[0].click().run()
+    export_button(app).click().run()
     assert not app.exception
     errors = [e.value.replace("\\", "") for e in app.error]
     assert any("exists" in e and 'tick "Replace an earlier export at this path"' in e for e in errors), errors
@@ -298,7 +302,7 @@ def test_export_page_writes_the_checkpoint_and_refuses_an_existing_directory(app
     boxes = [b for b in app.main if type(b).__name__ in ("Status", "Expander")]
     assert not any(b.error for b in boxes)  # the message is shown expanded, not in the collapsed status box
     app.checkbox(key="export_overwrite").check().run()
-    app.button[0].click().run()
+    export_button(app).click().run()
     assert any(f"Wrote {out}" in s.value for s in app.success)
 
 
