@@ -27,7 +27,7 @@ from core.model import load_model
 from core.tasks import get_task_spec
 
 BASELINES = ["frequency", "soft_activation", "reap", "naee"]
-FIELDS = ["task", "variant", "keep", "top_k", "seed", "metric", "score", "evaluations", "search_s",
+FIELDS = ["task", "variant", "keep", "top_k", "seed", "metric", "score", "exact_match", "evaluations", "search_s",
           "forward_passes", "validation_split", "calibration_limit"]
 
 
@@ -99,11 +99,11 @@ def run(args, csv_path: Path) -> None:
         calib = Calibration(task, limit=args.calibration_limit)
         plan = make_method(method, **kwargs).plan(mm, calib, target) if method else None
         result = evaluator.evaluate(task, plan=plan, split="test")
-        metric = "exact_match" if task.metric == "squad" else PRIMARY_METRIC[task.metric]
+        metric = PRIMARY_METRIC[task.metric]  # what EEP optimises is what is reported (qa: SQuAD F1)
         extra = plan.extra if plan else {}
         validation = extra.get("validation") or {}
         row = {"task": task_name, "variant": variant, "keep": keep, "top_k": top_k, "seed": seed, "metric": metric,
-               "score": result.metrics[metric], "evaluations": extra.get("evaluations") if method == "eep" else None,
+               "score": result.metrics[metric], "exact_match": result.metrics.get("exact_match"), "evaluations": extra.get("evaluations") if method == "eep" else None,
                "search_s": round(extra.get("wall_time_s") or 0, 1), "forward_passes": extra.get("forward_passes"),
                "validation_split": validation.get("split"), "calibration_limit": args.calibration_limit}
         with csv_path.open("a", newline="") as f:
@@ -119,7 +119,8 @@ def render(table: pd.DataFrame) -> str:
             return "-"
         digits = 2 if rows.metric.iloc[0] == "nll" else 1
         if len(scores) > 1:
-            return f"{statistics.mean(scores):.{digits}f} ± {statistics.stdev(scores):.{digits}f} (n={len(scores)})"
+            each = ", ".join(f"{s:.{digits}f}" for s in scores)
+            return f"{statistics.mean(scores):.{digits}f} ± {statistics.stdev(scores):.{digits}f} ({each})"
         return f"{scores[0]:.{digits}f}"
 
     names = list(dict.fromkeys(table.task))
