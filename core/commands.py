@@ -290,15 +290,12 @@ UPLOAD_LIMIT_MB = 50  # plans and sweep tables; profiles are loaded by path
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
-    import subprocess
-
     env = dict(os.environ)
     if args.model:
         env["MOESCOPE_MODEL"] = args.model
     command = dashboard_command(args.model, args.port)
     print(f"MoEScope dashboard at http://{command[command.index('--server.address') + 1]}:{args.port} "
           f"(this machine only; Ctrl+C stops it)", flush=True)
-    try:
-        subprocess.run(command, env=env, check=False)
-    except KeyboardInterrupt:
-        pass
+    # Streamlit replaces this process (no child left behind): Ctrl+C and a TERM sent to `moescope dashboard`
+    # reach the server itself, which stops; a child started with subprocess.run outlived a terminated parent.
+    os.execvpe(command[0], command, env)

@@ -421,6 +421,10 @@ def test_dashboard_binds_to_localhost_from_any_folder(tmp_path):
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+    deadline = time.monotonic() + 15
+    while _listening(port) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert not _listening(port), "a terminated `moescope dashboard` left its server running"
 
 
 def test_prune_and_sweep_refuse_an_output_another_run_is_writing(model_dir, tmp_path, capsys):
