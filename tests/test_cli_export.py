@@ -8,25 +8,12 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from core.cli import main
 from core.plan import Plan
 
-KEEP = [0, 2, 5, 7]
-
-
-def _tensors(folder):
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            out.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118 - safe_open has no iteration
-    return out
-
-
-def _one_hot(keep: list[int], n: int = 8) -> list[list[float]]:
-    return [[1.0 if j == e else 0.0 for j in range(n)] for e in keep]
+from .test_streaming_export import KEEP, assert_same_tensors, one_hot, stored
 
 
 @pytest.fixture()
@@ -57,12 +44,10 @@ def test_cli_export_never_loads_the_model_and_bounds_its_shards(tmp_path, tiny_m
     assert len(shards) > 1
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {s.name for s in shards}
-    largest_tensor = max(t.numel() * t.element_size() for t in _tensors(out).values())
+    largest_tensor = max(t.numel() * t.element_size() for t in stored(out).values())
     assert all(s.stat().st_size <= max(100_000, largest_tensor) + 10_000 for s in shards)  # + header
     monkeypatch.undo()
-    streamed, memory = _tensors(out), _tensors(tmp_path / "memory")
-    assert streamed.keys() == memory.keys()
-    assert all(torch.equal(streamed[k], memory[k]) for k in streamed)
+    assert_same_tensors(out, tmp_path / "memory")  # the same stored tensors sliced alike: exact by construction
     assert AutoModelForCausalLM.from_pretrained(out).config.num_local_experts == len(KEEP)
 
 
@@ -83,9 +68,9 @@ def test_cli_export_of_a_probs_plan_fits_routers_and_honours_the_threshold(tmp_p
     texts = tmp_path / "calib"
     texts.mkdir()
     generator = torch.Generator().manual_seed(0)
-    noisy = (torch.tensor(_one_hot(KEEP)) + 0.6 * torch.rand(len(KEEP), 8, generator=generator)).tolist()
-    for name, router in (("exact", _one_hot(KEEP)), ("noisy", noisy)):
-        merge = {str(i): {"router": router, "experts": _one_hot(KEEP)} for i in (0, 1)}
+    noisy = (torch.tensor(one_hot(KEEP)) + 0.6 * torch.rand(len(KEEP), 8, generator=generator)).tolist()
+    for name, router in (("exact", one_hot(KEEP)), ("noisy", noisy)):
+        merge = {str(i): {"router": router, "experts": one_hot(KEEP)} for i in (0, 1)}
         Plan(layers={0: KEEP, 1: KEEP}, top_k=2,
              extra={"merge": merge, "router_mapping": "probs",
                     "calibration": {"task": "prose", "split": "calibration", "limit": 8}}).save(texts / f"{name}.json")
