@@ -14,6 +14,7 @@ PAGES = [
     st.Page("views/tokens.py", title="Tokens", icon=":material/text_fields:"),
     st.Page("views/prune.py", title="Prune", icon=":material/content_cut:"),
     st.Page("views/plans.py", title="Plans", icon=":material/bookmarks:"),
+    st.Page("views/compare.py", title="Compare profiles", icon=":material/compare_arrows:"),
     st.Page("views/export.py", title="Export", icon=":material/download:"),
 ]
 
