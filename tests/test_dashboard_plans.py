@@ -37,6 +37,9 @@ def test_plans_are_named_pinned_chosen_and_compared(app):
 
     app.text_input(key=f"plan_name_{half.digest()}").input("Half the experts").run()
     assert not app.error, [e.value for e in app.error]
+    app.text_input(key=f"plan_name_{quarter.digest()}").input("Half the experts").run()  # taken: one sentence
+    assert any("already named" in e.value.replace("\\", "") for e in app.error) and not app.exception
+    app.text_input(key=f"plan_name_{quarter.digest()}").input("").run()  # empty: called by its words again
     app.button(key=f"plan_pin_{half.digest()}").click().run()
     app.button(key=f"plan_pin_{quarter.digest()}").click().run()
     assert not app.exception and not app.error
@@ -45,7 +48,7 @@ def test_plans_are_named_pinned_chosen_and_compared(app):
     kept = table_with(app, "Kept by every plan")  # experts kept per layer, both plans by name
     other = "frequency: 2 of 8 experts kept per layer, top-2"
     assert {"Half the experts", other} <= set(kept.columns)
-    assert len(kept) == 4  # the sample model's four MoE layers
+    assert list(kept.index) == ["0", "1", "2", "3"]  # the sample model's four MoE layers, each named
     assert kept["Half the experts"].str.startswith("4: ").all() and kept[other].str.startswith("2: ").all()
     overlap = next(t.value for t in app.table if "Half the experts" in t.value.index)  # plan by plan
     assert overlap.loc["Half the experts", "Half the experts"] == "100%"

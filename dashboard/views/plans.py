@@ -47,7 +47,7 @@ def rename(digest: str, key: str) -> None:
 
 st.caption(f"Plans made on this model, most recent first. Name a plan to call it that on this page; pin two to "
            f"{MAX_PINNED} plans to compare them below; “Use this plan” makes it the plan the Export page writes.")
-widths = [4, 2, 3, 2, 1, 2]
+widths = [6, 1.5, 2.5, 2.2, 1.3, 2.1]
 for column, title in zip(st.columns(widths), ["Name", "Method", "Experts kept", "Last saved", "", ""]):
     column.markdown(f"**{title}**" if title else "")
 for item in saved[:LISTED]:
@@ -90,10 +90,13 @@ labels = distinct_labels([item.label(n, k) for item in pinned])
 plans = dict(zip(labels, (item.plan for item in pinned)))
 
 st.markdown("**Experts kept per layer**")
-st.table(kept_experts_table(plans, n, mm.layer_indices).set_index("Layer"))
+kept = kept_experts_table(plans, n, mm.layer_indices)
+st.table(kept.assign(Layer=kept["Layer"].astype(str)).set_index("Layer"))  # a text index: always shown
+st.caption("Each cell: how many experts the plan keeps in that layer, then which.")
+st.markdown("**How alike the plans are**")
 overlap = overlap_table(plans, n, mm.layer_indices)
-st.caption("Each cell: how many experts the plan keeps in that layer, then which. Below: how alike two plans are, "
-           "the experts both keep as a share of those either keeps, averaged over layers (100%: the same experts).")
+st.caption("The experts both plans keep, as a share of the experts either keeps, averaged over layers (100%: the "
+           "same experts).")
 st.table(overlap.map("{:.0%}".format))
 
 st.markdown("**Scores per task**")
