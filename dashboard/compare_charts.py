@@ -10,6 +10,14 @@ from core.profile_compare import NO_REPLACEMENT
 from dashboard.charts import FONT, OKABE_ITO
 
 
+_BANDS = [c for name, c in OKABE_ITO.items() if name not in ("black", "yellow")] + ["#332288", "#882255", "#117733"]
+
+
+def _rgba(colour: str, alpha: float) -> str:
+    r, g, b = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
 def divergence_bars(js: pd.DataFrame, title: str) -> go.Figure:
     """Per layer, the Jensen–Shannon divergence of :func:`core.profile_compare.js_divergence_per_layer` as
     horizontal bars, first layer on top; the height follows the layer count so 61 layers stay readable."""
@@ -20,7 +28,7 @@ def divergence_bars(js: pd.DataFrame, title: str) -> go.Figure:
                                          "<extra></extra>"))
     fig.update_layout(title={"text": title, "x": 0}, height=max(260, 120 + 14 * len(layers)), font=FONT,
                       margin={"l": 60, "r": 20, "t": 50, "b": 50}, plot_bgcolor="white", showlegend=False)
-    fig.update_xaxes(title="Jensen–Shannon divergence (bits, 0 = same routing, 1 = no expert in common)",
+    fig.update_xaxes(title="JS divergence (bits; 1 = no expert in common)",
                      range=[0, max(0.05, float(js["jsd_bits"].max() or 0) * 1.1)], showgrid=True, gridcolor="#eee")
     fig.update_yaxes(title="MoE layer", type="category", autorange="reversed")
     return fig
@@ -36,12 +44,13 @@ def flow_sankey(flows: pd.DataFrame, layer: int) -> go.Figure:
     index = ({("from", e): i for i, e in enumerate(sources)}
              | {("to", e): len(sources) + i for i, e in enumerate(targets)})
     colours = ["#d62728"] * len(sources) + ["#999999" if e == NO_REPLACEMENT else OKABE_ITO["blue"] for e in targets]
+    band = {e: _rgba(_BANDS[i % len(_BANDS)], 0.45) for i, e in enumerate(sources)}  # one hue per dropped expert
     fig = go.Figure(go.Sankey(
         arrangement="snap",
         node={"label": labels, "color": colours, "pad": 8, "thickness": 14},
         link={"source": [index[("from", e)] for e in flows["from_expert"]],
               "target": [index[("to", e)] for e in flows["to_expert"]], "value": flows["tokens"].tolist(),
-              "color": "rgba(0,114,178,0.25)",
+              "color": [band[e] for e in flows["from_expert"]],
               "hovertemplate": "%{source.label} → %{target.label}: %{value:,} token slots<extra></extra>"}))
     fig.update_layout(title={"text": f"Layer {layer}: where the dropped experts' tokens went", "x": 0}, font=FONT,
                       height=max(320, 40 + 22 * max(len(sources), len(targets))),

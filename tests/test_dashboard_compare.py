@@ -8,17 +8,17 @@ import base64
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.plan import Plan
-from core.profile_compare import js_divergence_per_layer, reroute_flows
+from core.profile_compare import NO_REPLACEMENT, js_divergence_per_layer, reroute_flows
 from core.routing_profile import Profile
+from dashboard import compare_charts
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 PLAN = Plan(layers={layer: [0, 2, 4, 6] for layer in range(4)})  # the sample model: 4 MoE layers x 8 experts
-
-pytestmark = pytest.mark.slow  # the app runs in process, and the button records a profile
 
 
 def chart(at: AppTest, key: str) -> dict:
@@ -34,6 +34,20 @@ def values(v) -> list[float]:
     return list(v)
 
 
+def test_flow_sankey_names_dropped_experts_and_missing_replacements():
+    flows = pd.DataFrame({"layer": [2, 2, 2], "from_expert": [5, 5, 1], "to_expert": [4, NO_REPLACEMENT, 4],
+                          "tokens": [7, 2, 3], "share_of_from": [7 / 9, 2 / 9, 1.0]})
+    sankey = compare_charts.flow_sankey(flows, 2).data[0]
+    assert list(sankey.node.label) == ["expert 1 (dropped)", "expert 5 (dropped)", "expert 4",
+                                       "no expert (lower top-k)"]
+    assert list(zip(sankey.link.source, sankey.link.target, sankey.link.value)) == [(1, 2, 7), (1, 3, 2), (0, 2, 3)]
+    assert sankey.link.color[0] == sankey.link.color[1] != sankey.link.color[2]  # one hue per dropped expert
+    bars = compare_charts.divergence_bars(pd.DataFrame({"layer": [0, 1], "jsd_bits": [0.2, 0.5],
+                                                        "moved_share": [0.1, 0.3]}), "t").data[0]
+    assert list(bars.y) == ["0", "1"] and list(bars.x) == [0.2, 0.5]
+
+
+@pytest.mark.slow  # the app runs in process, and the button records a profile
 def test_compare_page_records_under_the_plan_and_shows_divergence_difference_and_flows(dashboard_home_copy,
                                                                                        monkeypatch):
     monkeypatch.setenv("MOESCOPE_HOME", str(dashboard_home_copy))

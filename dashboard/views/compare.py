@@ -167,12 +167,13 @@ else:
                                 config=charts.download_config("reroute-flows"))
                 f2.dataframe(shown[["from_expert", "to_expert", "tokens", "share_of_from"]].rename(columns={
                     "from_expert": "From (dropped)", "to_expert": "To", "tokens": "Token slots",
-                    "share_of_from": "Share of the dropped expert's slots"}), hide_index=True,
-                    column_config={"Share of the dropped expert's slots": st.column_config.ProgressColumn(
-                        format="percent", min_value=0.0, max_value=1.0)})
+                    "share_of_from": "Share of From"}), hide_index=True,
+                    column_config={"Share of From": st.column_config.ProgressColumn(
+                        format="percent", min_value=0.0, max_value=1.0,
+                        help="Of all the top-k slots that left this dropped expert at this layer.")})
                 f2.caption(f"The {len(shown)} largest flows of layer {layer}. Each top-k slot A gave a dropped expert "
                            f"is paired, in rank order, with a new expert B chose for that token"
-                           f" (To −1: none, the plan lowered top-k).")
+                           + (" (To −1: none, the plan lowered top-k)." if (shown["to_expert"] < 0).any() else "."))
             with st.expander("Re-routed token slots per layer"):
                 st.dataframe(totals.rename(columns={"layer": "Layer", "tokens": "Token slots re-routed",
                                                     "unreplaced": "Without a replacement"}), hide_index=True)
