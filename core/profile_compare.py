@@ -85,7 +85,11 @@ def js_divergence_per_layer(a: Profile | str | Path, b: Profile | str | Path, ta
 
     Columns: layer, jsd_bits, moved_share. An expert one profile never chose contributes only through the
     other's mass at the midpoint (0 · log 0 is 0), so zeros never give NaN or infinity."""
-    cells = compare_usage(a, b, task)
+    return divergence_of(compare_usage(a, b, task))
+
+
+def divergence_of(cells: pd.DataFrame) -> pd.DataFrame:
+    """:func:`js_divergence_per_layer` from a :func:`compare_usage` table already at hand (no second read)."""
     rows = []
     for layer, group in cells.groupby("layer", sort=True):
         p, q = group["share_a"].to_numpy(float), group["share_b"].to_numpy(float)

@@ -14,6 +14,7 @@ from core.profile_compare import (
     NO_REPLACEMENT,
     ProfileMismatch,
     compare_usage,
+    divergence_of,
     dropped_experts,
     flow_totals,
     js_bits,
@@ -31,12 +32,13 @@ TOL = 1e-12
 
 
 def write(path, rows, layers=(0, 1), n_experts=4, top_k=2, plan_digest=None) -> Profile:
-    """rows: (task, example, position, token_id, layer, experts in rank order)."""
+    """rows: (task, example, position, token_id, layer, experts in rank order[, decode step])."""
     meta = ProfileMeta(model="m", weights_digest="d", family="Mixtral", layers=list(layers), n_experts=n_experts,
                        top_k=top_k, plan_digest=plan_digest)
     with ProfileWriter(path, meta) as writer:
-        for task, example, position, token_id, layer, experts in rows:
-            tokens = TokenBatch(task, np.array([example]), np.array([position]), np.array([token_id]), step=0)
+        for task, example, position, token_id, layer, experts, *step in rows:
+            tokens = TokenBatch(task, np.array([example]), np.array([position]), np.array([token_id]),
+                                step=step[0] if step else 0)
             weights = np.linspace(0.9, 0.1, len(experts))[None, :]
             writer.add(tokens, layer, np.array([experts]), weights)
     return Profile(path)
@@ -67,6 +69,7 @@ def test_disjoint_experts_diverge_by_one_bit_and_a_hand_worked_case(tmp_path):
     assert cells.loc[(1, 2), "diff_pp"] == pytest.approx(25.0, abs=1e-9)
     assert cells.loc[(1, 3), ["share_a", "share_b", "diff_pp"]].tolist() == [0.0, 0.0, 0.0]
     js = js_divergence_per_layer(a, b).set_index("layer")
+    pd.testing.assert_frame_equal(divergence_of(compare_usage(a, b)).set_index("layer"), js)
     assert js.loc[0, "jsd_bits"] == pytest.approx(1.0, abs=TOL)
     assert js.loc[0, "moved_share"] == pytest.approx(1.0, abs=TOL)
     # p = (1/2, 1/2, 0), q = (1/2, 1/4, 1/4), m = (1/2, 3/8, 1/8):
@@ -140,6 +143,15 @@ def test_flows_pair_dropped_experts_with_newcomers_in_rank_order(tmp_path):
     every = reroute_flows(full, pruned, None)
     assert {(r.layer, r.from_expert, r.to_expert): r.tokens for r in every.itertuples()} == {**got, (1, 1, 2): 1}
     assert dropped_experts(PLAN, [0, 1], 4) == {(0, 0), (0, 1)}
+
+
+def test_decode_steps_are_left_out_of_the_flows(tmp_path):
+    # Each model generates its own continuation: a decode step's token differs and is not paired.
+    full = write(tmp_path / "full.parquet", [*FULL, ("a", 0, 2, 40, 0, [0, 1], 1)])
+    pruned = write(tmp_path / "pruned.parquet", [*PRUNED, ("a", 0, 2, 41, 0, [2, 3], 1), ("a", 0, 3, 42, 0, [2, 3], 2)])
+    flows = reroute_flows(full, pruned, PLAN)
+    assert {(r.layer, r.from_expert, r.to_expert): r.tokens for r in flows.itertuples()} == {
+        (0, 0, 3): 1, (0, 1, 3): 1, (0, 0, 2): 2}
 
 
 def test_a_lower_top_k_leaves_dropped_experts_unreplaced(tmp_path):

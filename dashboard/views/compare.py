@@ -116,7 +116,7 @@ else:
         st.info("A and B are the same profile: choose two different ones.")
     with state.shown_errors("Compare"):
         cells = compared(profile_compare.compare_usage, a, b, task)
-        js = compared(profile_compare.js_divergence_per_layer, a, b, task)
+        js = profile_compare.divergence_of(cells)
         if a.meta.weights_digest != b.meta.weights_digest:
             st.caption(f"A and B come from different weights ({a.meta.model} and {b.meta.model}): expert ids "
                        f"correspond only if B is a fine-tune of A.")
