@@ -183,6 +183,9 @@ if mm is None:
     st.caption("Load a model on the Model page to record a profile.")
 elif plan_now is None:
     st.caption("No plan yet: make one on the **Prune** page, then come back to record the pruned model's routing.")
+elif not state.default_profile_path(mm).exists():
+    st.caption("This model has no default profile of the sample tasks to compare with; record profiles on the "
+               "**Profile** page (with `moescope profile --plan` for the pruned model) and add them here by path.")
 else:
     st.caption(f"Records the texts of this model's default profile (the sample tasks) again with plan "
                f"{plan_now.digest()[:12]} applied, and compares it as B with the default profile as A.")
