@@ -102,3 +102,10 @@ def test_compare_page_records_under_the_plan_and_shows_divergence_difference_and
     one_task = js_divergence_per_layer(full, pruned, task="qa")["jsd_bits"].to_numpy()
     assert table["JS divergence (bits)"].to_numpy() == pytest.approx(one_task, abs=1e-12)
     assert not np.allclose(one_task, js["jsd_bits"].to_numpy())
+
+    at.selectbox(key="cmp_a").set_value(str(pruned.path.resolve()))  # swapped: B is no longer a plan profile
+    at.selectbox(key="cmp_b").set_value(str(full.path.resolve())).run()
+    assert not at.exception and not at.error
+    assert not any("From (dropped)" in d.value.columns for d in at.dataframe)  # no flows without a plan on B
+    table = next(d.value for d in at.dataframe if "JS divergence (bits)" in d.value.columns)
+    assert table["JS divergence (bits)"].to_numpy() == pytest.approx(one_task, abs=1e-12)  # JS is symmetric

@@ -100,6 +100,9 @@ if len(profiles) < 2:
             "sample tasks under the current plan below.")
 else:
     names = list(profiles)
+    for key in ("cmp_a", "cmp_b"):  # a profile chosen earlier may have been removed since
+        if st.session_state.get(key) not in names:
+            st.session_state.pop(key, None)
     plain_first = [p for p in names if not profiles[p].meta.plan_digest] or names
     st.session_state.setdefault("cmp_a", plain_first[0])
     planned = [p for p in names if profiles[p].meta.plan_digest and p != st.session_state["cmp_a"]]
@@ -109,6 +112,8 @@ else:
     path_b = c2.selectbox("Profile B (compared)", names, key="cmp_b", format_func=lambda p: label(profiles[p]))
     a, b = profiles[path_a], profiles[path_b]
     common = [t for t in a.meta.tasks if t in b.meta.tasks]
+    if st.session_state.get("cmp_task") not in [ALL_TASKS, *common]:  # a task of the profiles chosen before
+        st.session_state.pop("cmp_task", None)
     choice = c3.selectbox("Task", [ALL_TASKS, *common], key="cmp_task",
                           help="One task the two profiles share, or each profile's tasks pooled.")
     task = None if choice == ALL_TASKS else choice
