@@ -7,6 +7,7 @@ here, so their tables share one format; "experts kept" is :func:`experts_kept`, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ import pandas as pd
 
 from .atomic import atomic_file
 from .errors import MoEScopeError
+from .evaluation.interval import change_interval
 from .tasks import get_task_spec
 
 if TYPE_CHECKING:
@@ -150,6 +152,17 @@ def load_table(source: str | Path | BinaryIO, name: str | None = None) -> pd.Dat
 
 
 # ----- a plan beside the unpruned model -----------------------------------------------------------------
+def _intervals(full: EvalResult, pruned: EvalResult, metric: str) -> dict[str, float]:
+    """95% intervals of the pruned score and of the change (paired: the same examples scored by both models),
+    NaN where the metric has no per-example values."""
+    low, high = pruned.interval(metric) or (math.nan, math.nan)
+    change = (math.nan, math.nan)
+    a, b = pruned.samples.get(metric), full.samples.get(metric)
+    if a is not None and b is not None and len(a) == len(b):
+        change = change_interval(a, b, full.weights.get(metric))
+    return {"pruned_low": low, "pruned_high": high, "delta_low": change[0], "delta_high": change[1]}
+
+
 @dataclass
 class Comparison:
     """A plan's scores next to the unpruned model's, task by task, with what it saves."""
@@ -169,7 +182,7 @@ class Comparison:
                 new = pruned.metrics[metric]
                 rows.append({"task": spec.name, "metric": metric, "headline": metric == HEADLINE_METRIC[spec.metric],
                              "full": value, "pruned": new, "delta": new - value, "better": better(metric),
-                             "examples": full.n_examples})
+                             "examples": full.n_examples, **_intervals(full, pruned, metric)})
             if pruned.agreement:
                 agreements.append({"task": spec.name, **pruned.agreement})
             cost.setdefault("tokens_per_s_full", 0.0)

@@ -3,8 +3,6 @@ otherwise (``--server.address``)."""
 
 import streamlit as st
 
-from dashboard import state
-
 st.set_page_config(page_title="MoEScope", page_icon=":material/hub:", layout="wide")
 
 PAGES = [
@@ -19,6 +17,10 @@ PAGES = [
 ]
 
 page = st.navigation(PAGES)
+# The first visit to a fresh server imports PyTorch and transformers (seconds): the navigation above is already
+# on screen, and this says what is happening instead of leaving the page blank.
+with st.spinner("Starting MoEScope: loading PyTorch and transformers (once per server)…", show_time=True):
+    from dashboard import state
 with st.sidebar:
     st.markdown("### MoEScope")
     st.caption(f"Model: `{state.model_settings()['source']}`")

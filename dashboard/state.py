@@ -11,10 +11,10 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Self
+from typing import Any, Self
 
 import streamlit as st
 
@@ -123,6 +123,36 @@ class Progress:
             self._bar.empty()
 
 
+# ----- stopping a step that runs in this script run ---------------------------------------------------
+def _mark_stopped(key: str) -> None:
+    st.session_state[f"stopped_{key}"] = True
+
+
+def stopped(key: str) -> bool:
+    """Whether the user pressed the Stop button of step ``key`` (see :func:`stoppable`); cleared by
+    :func:`clear_stopped`."""
+    return bool(st.session_state.get(f"stopped_{key}"))
+
+
+def clear_stopped(key: str) -> None:
+    st.session_state.pop(f"stopped_{key}", None)
+
+
+@contextmanager
+def stoppable(key: str, label: str = "Stop", container: Any = None, help: str | None = None) -> Iterator[None]:
+    """A Stop button shown while the step in the ``with`` block runs. Pressing it makes Streamlit rerun the
+    page (or fragment), which interrupts this run at the step's next progress update; :func:`stopped` is true
+    in that rerun, so the page says so instead of starting the step again. The button goes when the step ends.
+    Streamlit's own interruption is used rather than a thread of our own: the step's locks and temporary files
+    are released by the same ``with`` blocks that release them on any error."""
+    slot = (container or st).empty()
+    slot.button(label, key=f"stop_button_{key}", on_click=_mark_stopped, args=(key,), help=help)
+    try:
+        yield
+    finally:
+        slot.empty()
+
+
 # ----- uploads ---------------------------------------------------------------------------------------
 def new_upload_folder() -> Path:
     """A fresh folder for an uploaded file under ``home()/uploads``. Its name carries this server's PID
@@ -154,11 +184,13 @@ def model_settings() -> dict[str, Any]:
                                                           "device": "cpu", "trust_remote_code": False})
 
 
-@st.cache_resource(max_entries=2, show_spinner="Loading the model…")
+@st.cache_resource(max_entries=2, show_spinner="Loading the model and reading its router weights (once per server)…",
+                   show_time=True)
 def _workbench(source: str, dtype: str, device: str, trust_remote_code: bool) -> Workbench:
     """One loaded model (and its plan and result caches) per server, shared by every session."""
     mm = load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    return Workbench(mm, state_dir=home() / "searches")
+    # MOESCOPE_LOOK_AHEAD=0 turns off scoring the neighbouring settings in the background (the test suite does)
+    return Workbench(mm, state_dir=home() / "searches", look_ahead=os.environ.get("MOESCOPE_LOOK_AHEAD", "1") != "0")
 
 
 def load(settings: dict[str, Any]) -> MoEModel:
@@ -202,7 +234,7 @@ def texts_of(task: str, split: str, limit: int | None) -> list[str]:
 
 
 # ----- plans kept across reloads ----------------------------------------------------------------------
-def _plans_folder(mm: MoEModel) -> Path:
+def plans_folder(mm: MoEModel) -> Path:
     return home() / "plans" / mm.weights_digest()[:16]
 
 
@@ -213,7 +245,7 @@ def remember_plan(mm: MoEModel, plan: Plan) -> None:
     if st.session_state.get("plan_saved") == plan.digest():
         return
     try:
-        folder = _plans_folder(mm)
+        folder = plans_folder(mm)
         saved = plan.save(folder / f"{plan.digest()}.json")
         atomic_write_text(folder / "latest", saved.name + "\n")
         st.session_state["plan_saved"] = plan.digest()
@@ -226,7 +258,7 @@ def current_plan(mm: MoEModel) -> Plan | None:
     plan = st.session_state.get("plan")
     if plan is not None:
         return plan
-    pointer = _plans_folder(mm) / "latest"
+    pointer = plans_folder(mm) / "latest"
     if not pointer.is_file():
         return None
     try:
@@ -269,11 +301,19 @@ def active_profile(mm: MoEModel, auto: bool = True) -> Profile | None:
                     if not auto or mm.info().total_params > AUTO_PROFILE_MAX_PARAMS:
                         st.info("No routing profile yet: record one on the **Profile** page.")
                         return None
+                    if stopped("auto_profile"):
+                        st.info("Recording the routing profile of the sample tasks was stopped. Record one on the "
+                                "**Profile** page, or record the sample tasks now.")
+                        st.button("Record the sample tasks now", key="auto_profile_again", on_click=clear_stopped,
+                                  args=("auto_profile",))
+                        return None
                     bar = st.progress(0.0, text="Recording routing on the sample tasks (first visit only)…")
-                    record_profile(mm, list_sample_tasks(), AUTO_PROFILE["split"], AUTO_PROFILE["limit"], path,
-                                   lambda done, total, rate: bar.progress(
-                                       done / total, text=f"Profiling: {done:,}/{total:,} tokens, {rate:,.0f} tokens/s"
-                                       + (f", about {(total - done) / rate:.0f} s left" if rate > 0 else "")))
+                    with stoppable("auto_profile", "Stop recording", help="Nothing is kept of a stopped recording."):
+                        record_profile(mm, list_sample_tasks(), AUTO_PROFILE["split"], AUTO_PROFILE["limit"], path,
+                                       lambda done, total, rate: bar.progress(
+                                           done / total, text=f"Profiling: {done:,}/{total:,} tokens, "
+                                           f"{rate:,.0f} tokens/s"
+                                           + (f", about {(total - done) / rate:.0f} s left" if rate > 0 else "")))
                     bar.empty()
             st.session_state["profile_path"] = str(path)
             profile = open_profile(str(path))

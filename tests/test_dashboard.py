@@ -62,8 +62,8 @@ def scores(at: AppTest):
 
 def score(at: AppTest, task: str) -> tuple[float, float]:
     """(pruned, full) headline score of ``task`` in the Prune page's score table."""
-    row = scores(at).loc[task]
-    return float(row["Pruned model"]), float(row["Full model"])
+    row = scores(at).loc[task]  # "34.00 (21.1 to 48.2)": the score, then its 95% interval
+    return float(str(row["Pruned model"]).split()[0]), float(row["Full model"])
 
 
 def metric(at: AppTest, label_start: str) -> str:

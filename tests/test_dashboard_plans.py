@@ -76,3 +76,20 @@ def test_plans_are_named_pinned_chosen_and_compared(app):
     assert {"Half the experts", other} <= set(table_with(reloaded, "Kept by every plan").columns)
     goto(reloaded, "export")
     assert reloaded.session_state["plan"].digest() == half.digest()  # the plan chosen before the reload
+
+
+def test_the_prune_page_pins_its_plan_and_leaves_a_plan_chosen_elsewhere_chosen(app, dashboard_home_copy):
+    from core.plan_book import PlanBook
+
+    goto(app, "prune")
+    half = app.session_state["plan"]
+    next(b for b in app.button if b.label == "Pin this plan").click().run()
+    assert not app.exception
+    folder = next(dashboard_home_copy.glob("dashboard/plans/*/"))  # the sample model's plans
+    assert PlanBook(folder).pinned() == [half.digest()]
+    app.select_slider(key="prune_keep").set_value(2).run()
+    quarter = app.session_state["plan"]
+    goto(app, "plans")
+    next(b for b in app.button if b.key == f"plan_use_{half.digest()}").click().run()
+    goto(app, "prune")  # the Prune page shows its own setting again; the plan chosen for export stays
+    assert app.session_state["plan"].digest() == half.digest() != quarter.digest()

@@ -10,6 +10,7 @@ import pytest
 
 from core import results, sweep
 from core.errors import MoEScopeError
+from core.evaluation import EvalResult
 from core.methods import Calibration, Target, make_method
 from core.model import MoEModel
 from core.plan import Plan
@@ -19,9 +20,9 @@ from .tiny_models import build, char_tokenizer, write_lm_task
 
 
 def fake_result(task="t", metrics=None, tokens_per_s=100.0, agreement=None, **cost):
-    return SimpleNamespace(task=task, split="test", n_examples=3, seconds=0.5, plan_digest="d",
-                           metrics=metrics or {"nll": 2.0, "perplexity": 7.4}, agreement=agreement or {},
-                           cost={"tokens_per_s": tokens_per_s, **cost})
+    return EvalResult(task=task, split="test", metric_kind="lm_loss", n_examples=3, seconds=0.5, plan_digest="d",
+                      metrics=metrics or {"nll": 2.0, "perplexity": 7.4}, agreement=agreement or {},
+                      cost={"tokens_per_s": tokens_per_s, **cost})
 
 
 def test_headline_metric_and_direction():

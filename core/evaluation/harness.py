@@ -72,7 +72,7 @@ class Evaluator(DecodingMixin, ScoringMixin, ReferenceMixin):
         ``answer_logprob``, the reference answers' mean log-probability per token, teacher-forced on the
         decoding pass's prompt cache where the model allows it."""
         spec = get_task_spec(task)
-        key = (self._digest, spec.name, split, limit, plan.digest() if plan else None, agreement, answer_likelihood)
+        key = self._key(spec, plan, split, limit, agreement, answer_likelihood)
         cached = self._results.get(key)
         if cached is not None:
             return cached
@@ -101,9 +101,23 @@ class Evaluator(DecodingMixin, ScoringMixin, ReferenceMixin):
         result = EvalResult(task=spec.name, split=split, metric_kind=spec.metric, n_examples=len(examples),
                             metrics=outcome.metrics, agreement=agree, cost=cost,
                             plan_digest=plan.digest() if plan else None, seconds=seconds,
-                            predictions=outcome.predictions)
+                            predictions=outcome.predictions, samples=outcome.samples, weights=outcome.weights)
         self._results.put(key, result)
         return result
+
+    def _key(self, spec: TaskSpec, plan: Plan | None, split: str, limit: int | None, agreement: bool,
+             answer_likelihood: bool = False) -> tuple:
+        return (self._digest, spec.name, split, limit, plan.digest() if plan else None, agreement and plan is not None,
+                answer_likelihood)
+
+    def cached(self, task: TaskSpec | str, plan: Plan | None = None, split: str = "test", limit: int | None = None,
+               agreement: bool = True) -> bool:
+        """Whether :meth:`evaluate` with these arguments would return a cached result at once."""
+        return self._results.get(self._key(get_task_spec(task), plan, split, limit, agreement)) is not None
+
+    def examples(self, task: TaskSpec | str, split: str = "test", limit: int | None = None) -> list[Example]:
+        """The examples :meth:`evaluate` scores (encoded and fitted to the context)."""
+        return self._prepare(get_task_spec(task), split, limit)
 
     def _prepare(self, spec: TaskSpec, split: str, limit: int | None) -> list[Example]:
         """The task's examples encoded and fitted to the model's context (see :func:`.examples.prepare_examples`)."""

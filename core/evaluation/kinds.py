@@ -31,6 +31,17 @@ class Outcome:
     metrics: dict[str, float]
     tokens: int
     predictions: list[str] = field(default_factory=list)
+    # per-example values of each metric that is a (weighted) mean of them, and the weights where not all 1
+    # (the loss weighs each text by its scored tokens): their 95% intervals come from these (see .interval)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    weights: dict[str, list[float]] = field(default_factory=dict)
+
+
+def percent(fractions: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Metrics in percent (100 × the mean of each example's value in [0, 1]) and the per-example values in
+    percent, from which their intervals come."""
+    return ({m: 100 * metrics.mean(v) for m, v in fractions.items()},
+            {m: [100 * x for x in v] for m, v in fractions.items()})
 
 
 class TaskKind:
@@ -75,8 +86,11 @@ class LanguageModelling(TaskKind):
     def run(self, ev: Evaluator, examples: list[Example], say: ProgressFn, reference: list[Reference] | None,
             tally: Agreement) -> Outcome:
         logp_sum, tokens = ev._score_sequences(examples, say, reference, tally)
-        nll = -sum(logp_sum) / sum(len(e.scored[0]) for e in examples)
-        return Outcome({"nll": nll, "perplexity": metrics.perplexity(nll)}, tokens)
+        scored = [len(e.scored[0]) for e in examples]
+        nll = -sum(logp_sum) / sum(scored)
+        return Outcome({"nll": nll, "perplexity": metrics.perplexity(nll)}, tokens,
+                       samples={"nll": [-lp / n for lp, n in zip(logp_sum, scored)]},
+                       weights={"nll": [float(n) for n in scored]})
 
 
 class MultipleChoice(TaskKind):
@@ -102,7 +116,22 @@ class MultipleChoice(TaskKind):
             tokens = sum(len(e.prompt_ids) + sum(map(len, e.scored)) for e in examples)
         else:
             logp_sum, tokens = ev._score_sequences(examples, say, reference, tally)
-        return Outcome(self.scores(examples, logp_sum), tokens)
+        scores, samples = percent(self.per_example(examples, logp_sum))
+        return Outcome(scores, tokens, samples=samples)
+
+    @staticmethod
+    def per_example(examples: list[Example], logp_sum: list[float]) -> dict[str, list[float]]:
+        """Each example's accuracy (1 or 0) by total and by per-token log-likelihood."""
+        pairs = [(e, k) for e in range(len(examples)) for k in range(len(examples[e].scored))]
+        by_example: dict[int, list[tuple[float, int]]] = {}
+        for (e, k), lp in zip(pairs, logp_sum):
+            by_example.setdefault(e, []).append((lp, len(examples[e].scored[k])))
+        rows = [v for _, v in sorted(by_example.items())]
+        chosen = [metrics.choose_option([lp for lp, _ in v]) for v in rows]
+        chosen_norm = [metrics.choose_option([lp for lp, _ in v], [n for _, n in v]) for v in rows]
+        labels = [e.label for e in examples]
+        return {"accuracy": [float(int(c) == int(y)) for c, y in zip(chosen, labels)],
+                "accuracy_norm": [float(int(c) == int(y)) for c, y in zip(chosen_norm, labels)]}
 
     @staticmethod
     def scores(examples: list[Example], logp_sum: list[float]) -> dict[str, float]:
@@ -146,31 +175,35 @@ class Generative(TaskKind):
             tally: Agreement) -> Outcome:
         likelihood: list[tuple[float, int]] | None = [] if self.answer_likelihood else None
         predictions, tokens = ev._generate(self.spec, examples, say, reference, tally, likelihood)
-        scores = self.scores(predictions, [e.references for e in examples])
+        scores, samples = percent(self.per_example(predictions, [e.references for e in examples]))
         if likelihood is not None:
             if not likelihood:  # decoding could not teacher-force on its cache: one pass of its own
                 likelihood = ev._answer_likelihood(examples)
             scores["answer_logprob"] = sum(lp for lp, _ in likelihood) / max(1, sum(n for _, n in likelihood))
-        return Outcome(scores, tokens, predictions)
+        return Outcome(scores, tokens, predictions, samples=samples)
 
     def scores(self, predictions: Sequence[str], references: list[list[str]]) -> dict[str, float]:
+        """The task's metrics in percent: the means of :meth:`per_example`."""
+        return percent(self.per_example(predictions, references))[0]
+
+    def per_example(self, predictions: Sequence[str], references: list[list[str]]) -> dict[str, list[float]]:
         raise NotImplementedError
 
 
 class ExactMatch(Generative):
     """Exact match of the answer with any reference."""
 
-    def scores(self, predictions: Sequence[str], references: list[list[str]]) -> dict[str, float]:
-        return {"exact_match": 100 * metrics.mean(metrics.exact_match(p, r) for p, r in zip(predictions, references))}
+    def per_example(self, predictions: Sequence[str], references: list[list[str]]) -> dict[str, list[float]]:
+        return {"exact_match": [metrics.exact_match(p, r) for p, r in zip(predictions, references)]}
 
 
 class Squad(Generative):
     """SQuAD v1.1 exact match and token F1 against the best-matching reference."""
 
-    def scores(self, predictions: Sequence[str], references: list[list[str]]) -> dict[str, float]:
+    def per_example(self, predictions: Sequence[str], references: list[list[str]]) -> dict[str, list[float]]:
         pairs = list(zip(predictions, references))
-        return {"exact_match": 100 * metrics.mean(metrics.squad_exact_match(p, r) for p, r in pairs),
-                "f1": 100 * metrics.mean(metrics.squad_f1(p, r) for p, r in pairs)}
+        return {"exact_match": [metrics.squad_exact_match(p, r) for p, r in pairs],
+                "f1": [metrics.squad_f1(p, r) for p, r in pairs]}
 
 
 KINDS: dict[str, type[TaskKind]] = {"exact_match": ExactMatch, "squad": Squad, "multiple_choice": MultipleChoice,

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..model import MoEModel
 from ..plan import Plan
+from .interval import score_interval
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -27,9 +28,23 @@ class EvalResult:
     weights_digest: str | None = None  # the routers' weights digest of the scored model (lm-eval results carry it)
     seconds: float = 0.0
     predictions: list[str] = field(default_factory=list)
+    # per-example values of the metrics that are means of them, and their weights where not all 1 (the loss:
+    # scored tokens); kept in memory for intervals and paired changes, left out of to_dict (JSON outputs)
+    samples: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    weights: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        for bulky in ("samples", "weights"):
+            data.pop(bulky)
+        return data
+
+    def interval(self, metric: str) -> tuple[float, float] | None:
+        """The 95% interval of ``metric`` (see :mod:`.interval`), or None when it is not a mean of
+        per-example values (perplexity, lm-eval's results)."""
+        if metric not in self.samples:
+            return None
+        return score_interval(self.samples[metric], self.weights.get(metric))
 
 
 def plan_cost(mm: MoEModel, plan: Plan | None) -> dict[str, float]:

@@ -19,7 +19,7 @@ if mm is None:
     st.stop()
 n, k = mm.n_experts, mm.top_k
 bench = state.workbench()
-book = PlanBook(state._plans_folder(mm), mm.weights_digest())
+book = PlanBook(state.plans_folder(mm), mm.weights_digest())
 current = state.current_plan(mm)  # after a reload: the latest plan, restored from disk
 
 try:

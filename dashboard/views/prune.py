@@ -1,10 +1,13 @@
 """Prune: choose a method, how many experts stay, top-k and tasks; the pruned model's scores update beside
 the full model's as soon as a control moves. Searches (EEP, NAEE) run on request with progress."""
 
+import math
+
 import streamlit as st
 
 from core import aggregate, coverage
 from core.methods import catalog, quick_methods
+from core.plan_book import PlanBook
 from core.results import (
     dropped_experts,
     experts_kept,
@@ -122,32 +125,75 @@ def bench_panel() -> None:
         if METHODS[method].is_search and not bench.has_plan(request):
             plan = searched_plan(request)
         else:
-            with state.Progress() as bar:  # a calibration pass, once per method and task; then instant
-                plan = bench.plan(request, progress=lambda what, f: bar.fraction(
-                    f"Calibrating {METHODS[method].label} on {state.task_label(calibration)}: {what}", f))
+            plan = calibrated_plan(request)
     if plan is None:
         return
-    state.remember_plan(mm, plan)  # kept on disk too: a reload of the browser finds it again
+    if st.session_state.get("prune_last_made") is not plan:  # a plan chosen on the Plans page stays chosen
+        st.session_state["prune_last_made"] = plan  # the workbench hands out one object per setting
+        state.remember_plan(mm, plan)  # kept on disk too: a reload of the browser finds it again
     render_lm_eval_panel(mm, plan)  # standard benchmarks on request, in the background (collapsed)
     if not evaluate:
         st.warning("Choose at least one evaluation task.")
         return
     with state.shown_errors("Evaluation"), state.Progress() as bar:
+        early = st.empty()  # the first batch's estimate, while the rest of the examples are scored
         result = bench.compare(plan, evaluate, "test", limit or None, agreement=agreement,
-                               progress=lambda what, done, total: bar.steps(f"Scoring: {what}", done, total))
+                               progress=lambda what, done, total: bar.steps(f"Scoring: {what}", done, total),
+                               estimate=lambda partial: show_estimate(early, partial))
+        early.empty()
         show_result(plan, result)
         show_tradeoff(plan, result, evaluate, calibration, top_k)
+    # while the user reads the result, score the settings next to it in the background (see Workbench.prefetch)
+    bench.prefetch(bench.neighbours(request), evaluate, "test", limit or None, agreement)
+
+
+def calibrated_plan(request: PlanRequest):
+    """The plan of a score-based method: instant once its calibration pass (once per method and task) is done;
+    that pass shows progress and can be stopped."""
+    label, task = METHODS[request.method].label, state.task_label(request.calibration_task)
+    if bench.is_calibrated(request):
+        return bench.plan(request)
+    key = f"calibration_{request.key()}"
+    if state.stopped(key):
+        st.warning(f"Calibration of {label} on {task} was stopped.")
+        st.button("Calibrate again", key="recalibrate", on_click=state.clear_stopped, args=(key,))
+        return None
+    with state.Progress() as bar, state.stoppable(key, "Stop calibration"):
+        return bench.plan(request, progress=lambda what, f: bar.fraction(f"Calibrating {label} on {task}: {what}", f))
+
+
+def scores_table(heads):
+    """Task, metric, both models' scores and the change, each with its 95% interval where it has one."""
+    def with_interval(value, low, high, sign=""):
+        text = f"{value:{sign}.2f}"
+        return text if math.isnan(low) else f"{text} ({low:{sign}.1f} to {high:{sign}.1f})"
+    return (heads.assign(pruned=[with_interval(*r) for r in heads[["pruned", "pruned_low", "pruned_high"]].values],
+                         full=heads["full"].map("{:.2f}".format),
+                         delta=[with_interval(*r, sign="+") for r in heads[["delta", "delta_low", "delta_high"]].values])
+            [["task", "metric", "pruned", "full", "delta", "better", "examples"]]
+            .rename(columns={"task": "Task", "metric": "Metric", "pruned": "Pruned model", "full": "Full model",
+                             "delta": "Change", "better": "Better when", "examples": "Examples"}).set_index("Task"))
+
+
+def show_estimate(slot, partial) -> None:
+    """The comparison so far: tasks scored in full, and the current one on its first batch of examples."""
+    with slot.container():
+        st.markdown("**First estimate** (refining on the remaining examples…)")
+        st.table(scores_table(partial.headlines()))
 
 
 def show_result(plan, result) -> None:
     heads = result.headlines()
-    st.markdown(f"**{state.plain(plan_name(plan, n, k))}**")
+    c1, c2 = st.columns([5, 1])
+    c1.markdown(f"**{state.plain(plan_name(plan, n, k))}**")
+    if c2.button("Pin this plan", key="pin_plan", help="Pinned plans are compared side by side on the Plans page."):
+        with state.shown_errors("Could not pin the plan"):
+            PlanBook(state.plans_folder(mm), mm.weights_digest()).pin(plan.digest())
+            st.toast("Pinned: compare it on the Plans page.")
     # A table, not metric cards: task, metric and both scores stay readable in full at any number of tasks.
-    st.table(heads.assign(pruned=heads["pruned"].map("{:.2f}".format), full=heads["full"].map("{:.2f}".format),
-                          delta=heads["delta"].map("{:+.2f}".format))
-             [["task", "metric", "pruned", "full", "delta", "better"]]
-             .rename(columns={"task": "Task", "metric": "Metric", "pruned": "Pruned model", "full": "Full model",
-                              "delta": "Change", "better": "Better when"}).set_index("Task"))
+    st.table(scores_table(heads))
+    st.caption("In brackets: the 95% interval over the test examples. The change's interval is paired (both models "
+               "scored the same examples), so it is narrower than the two scores' intervals suggest.")
     cost = result.cost
     cols = st.columns(3)
     cols[0].metric("Parameters", f"{cost['total_params'] / 1e6:.2f} M", f"{result.change('total_params'):+.0%}",
@@ -192,14 +238,21 @@ def show_tradeoff(plan, result, evaluate: list[str], calibration: str, top_k: in
     shown = c2.radio("Task", ["Each task", *names], horizontal=True, key="tradeoff_task",
                      help="One small chart per evaluation task, or one task large.")
     chosen = list(names) if shown == "Each task" or shown not in names else [shown]
-    if c2.button("Sweep the fast methods over every keep", key="sweep",
-                 help="Plans and scores " + ", ".join(METHODS[m].label for m in quick_methods())
-                      + " at every number of experts kept, on the chosen tasks."):
-        with state.shown_errors("Sweep"), state.Progress(c2) as bar:
+    sweeping = c2.button("Sweep the fast methods over every keep", key="sweep",
+                         help="Plans and scores " + ", ".join(METHODS[m].label for m in quick_methods())
+                              + " at every number of experts kept, on the chosen tasks.")
+    if state.stopped("sweep"):
+        done, total = st.session_state.get("sweep_done", (0, 0))
+        c2.warning(f"Sweep stopped after {done} of {total} settings; the settings it scored are on the charts.")
+        state.clear_stopped("sweep")
+    if sweeping:
+        def progress(what: str, done: int, total: int) -> None:
+            st.session_state["sweep_done"] = (done, total)
+            bar.steps(f"Sweep: {what}, setting {done + 1} of {total}", done, total)
+
+        with state.shown_errors("Sweep"), state.Progress(c2) as bar, state.stoppable("sweep", "Stop the sweep", c2):
             bench.sweep(quick_methods(), bench.feasible_keeps(top_k), calibration, [names[c] for c in chosen],
-                        top_k=top_k, limit=result.examples(chosen[0]),
-                        progress=lambda what, done, total: bar.steps(f"Sweep: {what}, setting {done + 1} of {total}",
-                                                                     done, total))
+                        top_k=top_k, limit=result.examples(chosen[0]), progress=progress)
     upload = c2.file_uploader("Add a table from `moescope sweep` (CSV or Parquet)", type=["csv", "parquet"])
     if upload is not None and upload.file_id != st.session_state.get("sweep_upload"):
         try:
