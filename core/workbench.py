@@ -248,9 +248,13 @@ class Workbench:
                   agreement: bool = False) -> bool:
         """Whether ``request``'s plan and its scores on every task are ready (a call would not compute)."""
         plan = self._plans.get(request.key())
-        return plan is not None and all(self.evaluator.cached(get_task_spec(t), None, split, limit, False)
-                                        and self.evaluator.cached(get_task_spec(t), plan, split, limit, agreement)
-                                        for t in tasks)
+        return plan is not None and self.is_scored(plan, tasks, split, limit, agreement)
+
+    def is_scored(self, plan: Plan | None, tasks: Sequence[str], split: str = "test", limit: int | None = None,
+                  agreement: bool = False) -> bool:
+        """Whether :meth:`compare` would return at once (both models' scores on every task are cached)."""
+        return all(self.evaluator.cached(get_task_spec(t), None, split, limit, False)
+                   and self.evaluator.cached(get_task_spec(t), plan, split, limit, agreement) for t in tasks)
 
     # ----- the look-ahead ----------------------------------------------------------------------------------
     def neighbours(self, request: PlanRequest) -> list[PlanRequest]:

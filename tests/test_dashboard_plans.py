@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from tests.test_dashboard import APP, app, goto  # noqa: F401 - ``app`` is a fixture
@@ -21,6 +22,7 @@ def table_with(at: AppTest, column: str):
 
 
 def test_plans_are_named_pinned_chosen_and_compared(app):
+    st.cache_resource.clear()  # a fresh workbench: the scores shown at once are only those made in this test
     goto(app, "prune")  # the default plan: frequency, 4 of 8, scored on qa (50 test examples)
     half = app.session_state["plan"]
     app.select_slider(key="prune_keep").set_value(2).run()  # a second plan, scored the same way
@@ -93,3 +95,16 @@ def test_the_prune_page_pins_its_plan_and_leaves_a_plan_chosen_elsewhere_chosen(
     next(b for b in app.button if b.key == f"plan_use_{half.digest()}").click().run()
     goto(app, "prune")  # the Prune page shows its own setting again; the plan chosen for export stays
     assert app.session_state["plan"].digest() == half.digest() != quarter.digest()
+
+
+def test_stopped_scoring_of_pinned_plans_says_so_once(app):
+    goto(app, "prune")
+    app.select_slider(key="prune_keep").set_value(2).run()
+    for _ in range(2):  # pin the two plans made above
+        goto(app, "plans")
+        next(b for b in app.button if b.label == "Pin").click().run()
+    app.session_state["stopped_plans_scoring"] = True  # what pressing "Stop scoring" leaves
+    goto(app, "plans")
+    assert any("Scoring was stopped" in w.value for w in app.warning)
+    goto(app, "plans")
+    assert not any("Scoring was stopped" in w.value for w in app.warning)

@@ -89,3 +89,18 @@ def test_a_stopped_first_profile_is_not_recorded_again_until_asked(tmp_path, mon
     assert any("was stopped" in i.value for i in at.info)
     assert any(b.label == "Record the sample tasks now" for b in at.button)
     assert not list(tmp_path.glob("dashboard/profiles/*.parquet"))  # nothing recorded
+
+
+def test_stopped_scoring_waits_for_the_user_and_keeps_what_it_finished(app):
+    goto(app, "prune")
+    app.multiselect(key="prune_tasks").set_value(["qa", "prose"]).run()  # scored: nothing to stop
+    assert not any(b.label == "Stop scoring" for b in app.button)
+    app.select_slider(key="prune_limit").set_value(25).run()
+    plan = app.session_state["plan"]
+    app.session_state[f"stopped_scoring_{plan.digest()}_qa_prose_100_False"] = True  # a setting not scored yet
+    app.select_slider(key="prune_limit").set_value(100).run()
+    assert any("Scoring was stopped" in w.value for w in app.warning)
+    assert not any("Pruned model" in t.value.columns for t in app.table)
+    next(b for b in app.button if b.label == "Score again").click().run()
+    assert not app.exception and not any("Scoring was stopped" in w.value for w in app.warning)
+    assert scores(app)["Examples"].tolist() == [100, 100]

@@ -108,11 +108,14 @@ limit = c2.select_slider("Test examples per task", LIMITS, value=50, key="plans_
 if c3.button("Score the pinned plans", type="primary", key="plans_score", disabled=not chosen,
              help="Scores each pinned plan and the full model on the chosen tasks; settings scored before (here or "
                   "on the Prune page) are instant."):
-    with state.shown_errors("Scoring"), state.Progress() as bar:
+    with state.shown_errors("Scoring"), state.Progress() as bar, state.stoppable("plans_scoring", "Stop scoring", c3):
         for i, (label, plan) in enumerate(plans.items(), 1):
             bench.compare(plan, chosen, "test", limit or None, agreement=False,
                           progress=lambda what, done, total, label=label, i=i: bar.steps(
                               f"Scoring {label} (plan {i} of {len(plans)}): {what}", done, total))
+if state.stopped("plans_scoring"):
+    st.warning("Scoring was stopped; the plans and tasks it finished are shown below.")
+    state.clear_stopped("plans_scoring")
 if not chosen:
     st.warning("Choose at least one evaluation task.")
     st.stop()

@@ -2,6 +2,7 @@
 the full model's as soon as a control moves. Searches (EEP, NAEE) run on request with progress."""
 
 import math
+from contextlib import nullcontext
 
 import streamlit as st
 
@@ -135,11 +136,18 @@ def bench_panel() -> None:
     if not evaluate:
         st.warning("Choose at least one evaluation task.")
         return
+    scored = bench.is_scored(plan, evaluate, "test", limit or None, agreement)
+    key = f"scoring_{plan.digest()}_{'_'.join(evaluate)}_{limit}_{agreement}"
+    if not scored and state.stopped(key):
+        st.warning("Scoring was stopped; the scores of the tasks it finished are kept.")
+        st.button("Score again", key="rescore", on_click=state.clear_stopped, args=(key,))
+        return
     with state.shown_errors("Evaluation"), state.Progress() as bar:
         early = st.empty()  # the first batch's estimate, while the rest of the examples are scored
-        result = bench.compare(plan, evaluate, "test", limit or None, agreement=agreement,
-                               progress=lambda what, done, total: bar.steps(f"Scoring: {what}", done, total),
-                               estimate=lambda partial: show_estimate(early, partial))
+        with state.stoppable(key, "Stop scoring") if not scored else nullcontext():
+            result = bench.compare(plan, evaluate, "test", limit or None, agreement=agreement,
+                                   progress=lambda what, done, total: bar.steps(f"Scoring: {what}", done, total),
+                                   estimate=lambda partial: show_estimate(early, partial))
         early.empty()
         show_result(plan, result)
         show_tradeoff(plan, result, evaluate, calibration, top_k)
