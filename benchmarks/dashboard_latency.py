@@ -46,14 +46,17 @@ def visit(page, title: str) -> tuple[float, float]:
     return painted, time.perf_counter() - start
 
 
+ESTIMATE = ("[...document.querySelectorAll('[data-testid=\"stMarkdownContainer\"]')]"
+            ".some(e => e.innerText.startsWith('First estimate'))")
 NAME = ("() => ([...document.querySelectorAll('[data-testid=\"stMarkdownContainer\"]')]"
         ".map(e => e.innerText).find(t => /^frequency: \\d+ of \\d+ experts kept/.test(t)) || '')")
 
 
-def step(page, option: int, options: int) -> tuple[int, float]:
+def step(page, option: int, options: int) -> tuple[int, float, float, float]:
     """Drag the "experts kept" thumb to ``option`` (of ``options``), as a user does: (the number kept it landed
-    on, seconds from releasing the mouse until the page names the new plan above its scores and has finished
-    running)."""
+    on, and seconds from releasing the mouse until the page shows a first estimate of the new setting's scores
+    or its final scores, until it shows the final scores under the new plan's name — the name and the score
+    table come in one update — and until the page has also redrawn its charts and finished)."""
     track = page.get_by_test_id("stSlider").first
     rail = track.locator('[role="group"] > div').first.bounding_box()
     knob = track.locator('[role="group"] > div > div').nth(1).bounding_box()
@@ -64,10 +67,13 @@ def step(page, option: int, options: int) -> tuple[int, float]:
     page.mouse.move(rail["x"] + rail["width"] * option / (options - 1), y, steps=5)
     start = time.perf_counter()
     page.mouse.up()
-    page.wait_for_function(f"b => ({NAME})() !== b && document.querySelector('[data-testid=\"stApp\"]')"
-                           ".dataset.testScriptState === 'notRunning'", arg=before, timeout=TIMEOUT, polling=20)
-    seconds = time.perf_counter() - start
-    return int(page.evaluate(NAME).split()[1]), seconds
+    page.wait_for_function(f"b => ({NAME})() !== b || {ESTIMATE}", arg=before, timeout=TIMEOUT, polling=10)
+    first = time.perf_counter() - start
+    page.wait_for_function(f"b => ({NAME})() !== b", arg=before, timeout=TIMEOUT, polling=10)
+    metrics = time.perf_counter() - start
+    page.wait_for_function("() => document.querySelector('[data-testid=\"stApp\"]').dataset.testScriptState "
+                           "=== 'notRunning'", timeout=TIMEOUT, polling=10)
+    return int(page.evaluate(NAME).split()[1]), first, metrics, time.perf_counter() - start
 
 
 def model_path(spec: str | None, folder: Path) -> str:
@@ -114,8 +120,9 @@ def main() -> None:
         seen, moves = {keeps[at]}, []
         for i in path:
             time.sleep(a.think)
-            keep, seconds = step(page, i, len(keeps))
-            moves.append({"keep": keep, "seen_before": keep in seen, "seconds": seconds})
+            keep, first, seconds, complete = step(page, i, len(keeps))
+            moves.append({"keep": keep, "seen_before": keep in seen, "first_estimate_s": first, "seconds": seconds,
+                          "complete_s": complete})
             seen.add(keep)
     new = [m["seconds"] for m in moves if not m["seen_before"]]
     old = [m["seconds"] for m in moves if m["seen_before"]]
@@ -127,6 +134,9 @@ def main() -> None:
               "moves": moves, "median_move_s": statistics.median(m["seconds"] for m in moves),
               "median_new_s": statistics.median(new) if new else None,
               "median_seen_s": statistics.median(old) if old else None,
+              "median_move_complete_s": statistics.median(m["complete_s"] for m in moves),
+              "median_first_estimate_s": statistics.median(m["first_estimate_s"] for m in moves),
+              "max_first_estimate_s": max(m["first_estimate_s"] for m in moves),
               "think_s": a.think,
               "setup": "CPU, Prune page defaults (frequency, calibration qa, evaluate qa on 50 test examples, "
                        "agreement off); headless Chromium 1400x1000"}

@@ -380,7 +380,8 @@ class Workbench:
             spec = get_task_spec(name)
             for target, agree in ((None, False), (plan, agreement)):
                 self._give_way()
-                self.evaluator.evaluate(spec, target, split, limit, progress=self._give_way, agreement=agree)
+                self.evaluator.evaluate(spec, target, split, limit, progress=self._give_way, agreement=agree,
+                                        interrupt=self._give_way)
 
     def sweep(self, methods: Sequence[str], keeps: Sequence[int], calibration_task: str, tasks: Sequence[str],
               top_k: int | None = None, split: str = "test", limit: int | None = None,

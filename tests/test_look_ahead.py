@@ -166,3 +166,23 @@ def test_a_streamed_comparison_estimates_from_the_first_batch_then_refines(mm):
     again = []
     bench.compare(plan, ["qa_choice", "prose"], "test", 40, agreement=False, estimate=again.append)
     assert again == []  # cached: nothing to estimate
+
+
+def test_an_interrupt_stops_an_evaluation_between_decoding_steps_and_caches_nothing(mm):
+    class Stop(Exception):
+        pass
+
+    ev = harness.Evaluator(mm, batch_size=64)
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        ev.evaluate("qa", None, "test", 20, agreement=False, interrupt=interrupt)
+    assert len(calls) == 3  # inside the single generation batch (20 examples, batch 64): between decoding steps
+    assert not ev.cached("qa", None, "test", 20)
+    assert ev.evaluate("qa", None, "test", 20, agreement=False).n_examples == 20  # no interrupt left behind
+    assert len(calls) == 3

@@ -126,6 +126,7 @@ class DecodingMixin:
         done = torch.zeros_like(nxt, dtype=torch.bool)
         steps = []
         for step in range(max_new):
+            self._checkpoint()  # type: ignore[attr-defined] - the Evaluator's: a caller may stop between steps
             nxt = torch.where(done, pad, nxt)
             steps.append(nxt)
             done |= stop_table[nxt]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -63,14 +65,17 @@ class Evaluator(DecodingMixin, ScoringMixin, ReferenceMixin):
         self._full_logprobs: dict[tuple, list[Reference]] = {}
         self._stop_ids: dict[str, torch.Tensor] = {}
         self._digest = mm.weights_digest()
+        self._interrupt = threading.local()  # the running evaluation's interrupt, per thread
 
     def evaluate(self, task: TaskSpec | str, plan: Plan | None = None, split: str = "test", limit: int | None = None,
                  progress: ProgressFn | None = None, agreement: bool = True,
-                 answer_likelihood: bool = False) -> EvalResult:
+                 answer_likelihood: bool = False, interrupt: Callable[[], None] | None = None) -> EvalResult:
         """The task's metrics on ``split`` (first ``limit`` examples) under ``plan``; with ``agreement`` also the
         agreement with the unpruned model; with ``answer_likelihood`` generative tasks also report
         ``answer_logprob``, the reference answers' mean log-probability per token, teacher-forced on the
-        decoding pass's prompt cache where the model allows it."""
+        decoding pass's prompt cache where the model allows it. ``interrupt`` is called between forwards (every
+        decoding step and scoring batch): an exception it raises stops the evaluation, which caches nothing (the
+        dashboard's look-ahead gives way to the user's own call this way)."""
         spec = get_task_spec(task)
         key = self._key(spec, plan, split, limit, agreement, answer_likelihood)
         cached = self._results.get(key)
@@ -83,7 +88,7 @@ class Evaluator(DecodingMixin, ScoringMixin, ReferenceMixin):
         say = progress or (lambda *_: None)
         start = time.perf_counter()
         compare = agreement and plan is not None
-        with self.mm.lock, torch.inference_mode():  # one evaluation at a time per model
+        with self.mm.lock, torch.inference_mode(), self._interrupting(interrupt):  # one evaluation at a time
             reference = self._reference((spec.name, split, limit), examples, say) if compare else None
             tally = Agreement()
             # tokens/s counts the task's own forwards, not the reference's; they also yield the agreement when
@@ -104,6 +109,20 @@ class Evaluator(DecodingMixin, ScoringMixin, ReferenceMixin):
                             predictions=outcome.predictions, samples=outcome.samples, weights=outcome.weights)
         self._results.put(key, result)
         return result
+
+    @contextmanager
+    def _interrupting(self, interrupt: Callable[[], None] | None) -> Iterator[None]:
+        self._interrupt.fn = interrupt
+        try:
+            yield
+        finally:
+            self._interrupt.fn = None
+
+    def _checkpoint(self) -> None:
+        """Between two forwards: the caller's ``interrupt`` may stop the evaluation here."""
+        fn = getattr(self._interrupt, "fn", None)
+        if fn is not None:
+            fn()
 
     def _key(self, spec: TaskSpec, plan: Plan | None, split: str, limit: int | None, agreement: bool,
              answer_likelihood: bool = False) -> tuple:

@@ -51,6 +51,7 @@ class ScoringMixin:
         for done, idx in enumerate(batches, 1):
             logp = self._logprobs(seqs, idx)
             say("scoring", done, len(batches))
+            self._checkpoint()  # type: ignore[attr-defined]
             for row, i in enumerate(idx):
                 e, k = pairs[i]
                 start = len(examples[e].prompt_ids)
@@ -123,4 +124,5 @@ class ScoringMixin:
                     agreed = opt_logp[row * n_opt + k, :len(examples[i].scored[k]) - 1]
                     tally.add(reference[i], torch.cat([prompt_logp[row, :p], agreed]))
             say("scoring", done, len(batches))
+            self._checkpoint()  # type: ignore[attr-defined]
         return out
