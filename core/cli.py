@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .commands import (cmd_dashboard, cmd_evaluate, cmd_export, cmd_info, cmd_merge_profiles,
+from .commands import (cmd_compare, cmd_dashboard, cmd_evaluate, cmd_export, cmd_info, cmd_merge_profiles,
                        cmd_profile, cmd_prune, cmd_report, cmd_sweep, cmd_train_sample)
 from .errors import user_message
 
@@ -221,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier MoEScope report at --out")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="compare two routing profiles: usage changes, per-layer divergence, flows")
+    p.add_argument("a", help="profile A (.parquet), e.g. the full or base model")
+    p.add_argument("b", help="profile B (.parquet), e.g. a fine-tune or the model recorded under --plan")
+    p.add_argument("--task", help="compare this task alone (it must be in both profiles; default: all pooled)")
+    p.add_argument("--plan", help="the plan B was recorded under: also write the re-routing flows (flows.csv)")
+    p.add_argument("--out", help="folder for usage_diff.csv, divergence.csv (and flows.csv); default: print only")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier MoEScope compare folder at --out")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("dashboard", help="open the dashboard at http://127.0.0.1:PORT (this machine only)")
     p.add_argument("model", nargs="?", help="model directory or hub id (default: the bundled sample model)")

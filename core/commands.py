@@ -277,6 +277,41 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({out.stat().st_size / 1024:.0f} KB)")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    """Print the per-layer divergence of B's routing from A's; with --out, also write the usage differences,
+    the divergence and (given the plan B was recorded under) the re-routing flows as CSV files in one folder,
+    written as a whole so an interrupted run leaves the earlier folder untouched."""
+    from .atomic import atomic_directory
+    from .outputs import COMPARE_MARKER
+    from .plan import Plan
+    from .profile_compare import compare_usage, divergence_of, reroute_flows
+    from .routing_profile import Profile
+
+    inputs = [args.a, args.b, *([args.plan] if args.plan else [])]
+    for path in inputs:
+        if not Path(path).is_file():
+            raise MoEScopeError(f"No file at {path}.")
+    out = None
+    if args.out:  # refused before anything is read, so a bad folder costs nothing
+        out = check_output(args.out, "compare", args.overwrite, sources=inputs, source_label="input")
+    a, b = Profile(args.a), Profile(args.b)
+    cells = compare_usage(a, b, args.task)
+    divergence = divergence_of(cells)
+    flows = reroute_flows(a, b, Plan.load(args.plan), task=args.task) if args.plan else None
+    print(divergence.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if out is None:
+        return
+    with output_lock(out), atomic_directory(out) as folder:
+        cells.to_csv(folder / "usage_diff.csv", index=False)
+        divergence.to_csv(folder / "divergence.csv", index=False)
+        if flows is not None:
+            flows.to_csv(folder / "flows.csv", index=False)
+        marker = {"format": "moescope-compare", "a": str(Path(args.a).absolute()), "b": str(Path(args.b).absolute()),
+                  "task": args.task, "plan": str(Path(args.plan).absolute()) if args.plan else None}
+        (folder / COMPARE_MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
+    print(f"wrote {args.out} ({', '.join(sorted(p.name for p in out.iterdir() if p.suffix == '.csv'))})")
+
+
 def dashboard_command(model: str | None, port: int, address: str = "127.0.0.1") -> list[str]:
     """The Streamlit command line: address, port, upload limit and look explicit, so no config file in the
     current directory decides them (``.streamlit/config.toml`` holds the same settings for ``streamlit run``)."""

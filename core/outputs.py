@@ -3,7 +3,8 @@
 **Overwriting.** ``--overwrite`` replaces a target only when the target is an earlier MoEScope output of the
 same kind (:func:`check_output`): an export directory holding ``moescope-plan.json`` and nothing but
 checkpoint files, a profile whose sidecar says ``moescope-profile``, a plan JSON, a sweep table, an HTML
-report whose head names MoEScope as its generator. Anything else
+report whose head names MoEScope as its generator, a compare folder holding ``moescope-compare.json``
+and its CSVs only. Anything else
 is refused even with ``--overwrite``: a folder holding the source model (compared by resolved path and by
 inode, so symlinks, ``..`` and bind mounts do not hide it), the current or home directory, a folder with
 other files, a foreign ``config.json`` that a profile's sidecar would replace.
@@ -37,7 +38,9 @@ except ImportError:  # pragma: no cover - Windows
 EXPORT_MARKER = "moescope-plan.json"
 PROFILE_FORMAT = "moescope-profile"
 PLAN_FORMAT = "moescope-plan"
-KINDS = ("export", "profile", "plan", "table", "report")
+KINDS = ("export", "profile", "plan", "table", "report", "compare")
+COMPARE_MARKER = "moescope-compare.json"  # in every folder ``moescope compare --out`` writes
+COMPARE_FILES = (COMPARE_MARKER, "usage_diff.csv", "divergence.csv", "flows.csv")
 REPORT_MARKER = '<meta name="generator" content="moescope-report">'  # in the head of every HTML report
 
 # Files an export directory may hold besides the marker: what save_pretrained and tokenizers write.
@@ -97,6 +100,16 @@ def _is_moescope_output(target: Path, kind: str) -> str | None:
                          if p.name not in _EXPORT_FILES and not (p.name.startswith("model-") and p.suffix == ".safetensors"))
         if foreign:
             return f"it also holds {', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}, which an export does not write"
+        return None
+    if kind == "compare":
+        if not target.is_dir():
+            return "it is not a directory"
+        if not (target / COMPARE_MARKER).is_file():
+            return f"it holds no {COMPARE_MARKER}, so MoEScope did not write it"
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in COMPARE_FILES)
+        if foreign:
+            more = " …" if len(foreign) > 3 else ""
+            return f"it also holds {', '.join(foreign[:3])}{more}, which a compare does not write"
         return None
     if not target.is_file():
         return "it is not a file"
@@ -160,7 +173,7 @@ def check_output(target: str | Path, kind: str, overwrite: bool = False, sources
     if not target.exists() and not target.is_symlink():
         return target
     if not overwrite:
-        noun = "directory" if kind == "export" else "path"
+        noun = "directory" if kind in ("export", "compare") else "path"
         raise MoEScopeError(f"{target} already exists; choose another {noun} or pass --overwrite.")
     protected = {Path.cwd(): "the current directory", Path.home(): "your home directory", Path("/"): "the root"}
     for folder, what in protected.items():
