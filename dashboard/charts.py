@@ -68,11 +68,14 @@ def ranked_colour(rank: int) -> str:
     return RANKED_PALETTE[rank % len(RANKED_PALETTE)]
 
 
-def _grid_size(n_experts: int, n_layers: int) -> tuple[float, int, int]:
-    """Cell, width and height in pixels: the grid fills about 1100 pixels across (at most 56 per square), and
-    its height follows the layer count (at least 5 pixels a row, so 61 layers stay on one screen)."""
-    cell = float(np.clip(min(1100 / n_experts, 900 / n_layers), 5, 56))
-    return cell, int(n_experts * cell) + 190, int(n_layers * cell) + 120
+def _grid_size(n_experts: int, n_layers: int) -> tuple[float, float, int, int]:
+    """Cell width and height, and the plot area's width and height, in pixels. Columns fill about 1100 pixels across (4 to 56
+    each); rows are square where the layers fit on one screen, never shorter than the columns are wide, and at
+    least 22 pixels up to 40 layers (8 layers × 256 experts is a readable band, not a strip), 14.75 pixels at 61
+    layers; so the colour bar always has room for its ticks."""
+    width = float(np.clip(1100 / n_experts, 4, 56))
+    height = float(np.clip(min(900 / n_layers, max(width, 22)), 12, 56))
+    return width, height, int(round(n_experts * width)), int(round(n_layers * height))
 
 
 def _every(cell: float, room: float) -> int:
@@ -95,8 +98,8 @@ def expert_grid(df: pd.DataFrame, value: str, title: str, colorbar: str, divergi
     layers = sorted(df["layer"].unique())
     lo, hi = int(df[x].min()), int(df[x].max())
     n_cols = hi - lo + 1
-    cell, width, height = _grid_size(n_cols, len(layers))
-    gap = 0 if cell < 14 else 2
+    cell, row_height, width, height = _grid_size(n_cols, len(layers))
+    gap = 0 if min(cell, row_height) < 14 else 2
     row = {layer: i for i, layer in enumerate(layers)}
     y = df["layer"].map(row)
     values = df[value].to_numpy(float)
@@ -106,11 +109,19 @@ def expert_grid(df: pd.DataFrame, value: str, title: str, colorbar: str, divergi
     else:
         colour = {"colorscale": "Viridis", "cmin": 0.0, "cmax": float(values.max()) or 1.0}
     where = "rank %{x:d} · " if x != "expert" else ""
+    # Each cell is a scatter point drawn as a vertical bar ("line-ns": its length is the row height, its stroke
+    # the column width), so cells are rectangles that touch at any aspect: a heatmap trace would draw them too,
+    # but clicks select scatter points, which the pages' click-through relies on.
+    overlap = 0.6 if gap == 0 else 0  # a fraction of a pixel more, so antialiasing leaves no hairline gaps
+    bar = {"symbol": "line-ns", "size": row_height - gap + overlap}
     fig = go.Figure(go.Scatter(
         x=df[x], y=y, mode="markers", name="",
-        marker={"symbol": "square", "size": cell - gap + (0.6 if gap == 0 else 0), "color": values,
-                "line": {"width": 0},
-                "colorbar": {"title": {"text": colorbar, "side": "right"}, "tickformat": value_format}, **colour},
+        marker={**bar, "color": values,
+                "line": {"width": cell - gap + overlap, "color": values, "colorscale": colour["colorscale"],
+                         "cmin": colour["cmin"], "cmax": colour["cmax"]},
+                "colorbar": {"title": {"text": colorbar, "side": "right"}, "tickformat": value_format,
+                             "x": 1, "xanchor": "left", "xpad": 10, "thickness": 18, "len": 1,
+                             "lenmode": "fraction"}, **colour},
         customdata=np.stack([df["layer"], df["expert"], values], axis=1),
         hovertemplate=f"layer %{{customdata[0]:d}} · {where}expert %{{customdata[1]:d}}<br>{colorbar}: "
                       f"%{{customdata[2]:{value_format}}}<extra></extra>"))
@@ -118,22 +129,26 @@ def expert_grid(df: pd.DataFrame, value: str, title: str, colorbar: str, divergi
         d = pd.DataFrame(list(dropped), columns=["layer", "expert"])
         d = d[d["layer"].isin(row) & d["expert"].between(lo, hi)]
         fig.add_trace(go.Scatter(x=d["expert"], y=d["layer"].map(row), mode="markers", name="dropped",
-                                 hoverinfo="skip", marker={"symbol": "square", "size": cell - gap + 0.6,
-                                                           "color": "rgba(255,255,255,0.78)", "line": {"width": 0}}))
+                                 hoverinfo="skip", marker={**bar, "color": "rgba(255,255,255,0.78)",
+                                                           "line": {"width": cell - gap + overlap,
+                                                                    "color": "rgba(255,255,255,0.78)"}}))
     if selected is not None and selected[0] in row:
         at = df[(df["layer"] == selected[0]) & (df["expert"] == selected[1])][x]
         if len(at):
-            fig.add_trace(go.Scatter(x=[int(at.iloc[0])], y=[row[selected[0]]], mode="markers", name="selected",
-                                     hoverinfo="skip", marker={"symbol": "square-open", "size": max(cell + 2, 10),
-                                                               "line": {"width": 3, "color": "#d62728"}}))
+            sx, sy = int(at.iloc[0]), row[selected[0]]  # outlined by a rectangle of the cell's own shape
+            fig.add_shape(type="rect", x0=sx - 0.5, x1=sx + 0.5, y0=sy - 0.5, y1=sy + 0.5,
+                          line={"width": 3, "color": "#d62728"}, layer="above")
     notes = row_notes or {}
     left = 70 + (8 * max((len(n) for n in notes.values()), default=0) if notes else 0)
-    fig.update_layout(title={"text": title, "x": 0}, width=width + left - 70, height=height, font=FONT,
-                      showlegend=False, margin={"l": left, "r": 20, "t": 50, "b": 50}, plot_bgcolor="white",
+    # margins fixed around a plot area of exactly the cells' size (markers are sized in pixels, not data units);
+    # the colour bar sits in the right margin
+    fig.update_layout(title={"text": title, "x": 0}, width=width + left + 130, height=height + 100, font=FONT,
+                      showlegend=False, margin={"l": left, "r": 130, "t": 50, "b": 50, "autoexpand": False},
+                      plot_bgcolor="white",
                       clickmode="event+select", dragmode=False)
     fig.update_xaxes(title=x_title, tickmode="linear", tick0=lo, dtick=_every(cell, 30) if n_cols > 16 else 1,
                      range=[lo - 0.5, hi + 0.5], showgrid=False, zeroline=False, fixedrange=True)
-    step = _every(cell, 16)
+    step = _every(row_height, 16)
     shown = [i for i in range(len(layers)) if i % step == 0]
     ticks = [f"{layers[i]} · {notes[layers[i]]}" if layers[i] in notes else str(layers[i]) for i in shown]
     fig.update_yaxes(title="MoE layer", tickmode="array", tickvals=shown, ticktext=ticks,

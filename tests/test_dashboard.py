@@ -225,7 +225,7 @@ def test_prune_page_updates_when_the_ratio_moves_and_reports_failures(app, tmp_p
     grid = next(json.loads(c.proto.spec) for c in app.get("plotly_chart")
                 if json.loads(c.proto.spec)["layout"]["title"]["text"].startswith("Kept experts"))
     dropped = next(t for t in grid["data"] if t["name"] == "dropped")
-    assert dropped["marker"]["symbol"] == "square" and "rgba(255,255,255" in dropped["marker"]["color"]  # dimmed
+    assert "rgba(255,255,255" in dropped["marker"]["line"]["color"]  # dimmed, not crossed
     assert len(plotly_values(dropped["x"])) == 4 * 6  # 6 of 8 dropped in each of 4 layers
     ticks = grid["layout"]["yaxis"]["ticktext"]
     assert len(ticks) == 4 and all(t.endswith("% kept") for t in ticks)  # each layer's kept share as a number

@@ -96,21 +96,28 @@ def _usage_grid(n_layers: int, n_experts: int) -> pd.DataFrame:
                          "share": np.random.default_rng(0).random(n_layers * n_experts)})
 
 
-@pytest.mark.parametrize("n_layers, n_experts", [(4, 8), (24, 128), (61, 256)])
+@pytest.mark.parametrize("n_layers, n_experts", [(4, 8), (24, 128), (8, 256), (61, 256)])
 def test_expert_grid_sizes_itself_to_the_model(n_layers, n_experts):
     fig = charts.expert_grid(_usage_grid(n_layers, n_experts), "share", "t", "share",
                              dropped=[(0, 1)], row_notes={i: "50% kept" for i in range(n_layers)})
-    cell = (fig.layout.height - 120) / n_layers
-    assert 5 <= cell and fig.layout.height <= 1100 and fig.layout.width <= 1600  # height follows the layers
+    margin = fig.layout.margin
+    plot_h, plot_w = fig.layout.height - margin.t - margin.b, fig.layout.width - margin.l - margin.r
+    row, col = plot_h / n_layers, plot_w / n_experts
+    assert fig.layout.height <= 1100 and fig.layout.width <= 1700  # height follows the layers
+    # 8 x 256 was a 4-pixel strip with overlapping colour-bar ticks: rows now stay tall enough to read and click
+    assert row >= (22 if n_layers <= 40 else 14) and plot_h >= 88
+    cells = fig.data[0].marker
+    assert cells.size >= row - 2 and cells.line.width >= col - 2  # rectangles fill their cell: no gaps at density
     if n_experts >= 128:
-        assert fig.data[0].marker.size >= cell - 0.5  # squares touch: no white gaps between rows
+        assert cells.size >= row and cells.line.width >= col
     labels = fig.layout.yaxis.ticktext
-    assert len(labels) * 16 <= n_layers * cell + 16  # at least 16 px per label: they never overlap
+    assert len(labels) * 16 <= n_layers * row + 16  # at least 16 px per label: they never overlap
     assert labels[0] == "0 · 50% kept"
     x_labels = (n_experts - 1) // fig.layout.xaxis.dtick + 1
-    assert x_labels * 30 <= n_experts * cell + 30
+    assert x_labels * 30 <= n_experts * col + 30
     veil = next(t for t in fig.data if t.name == "dropped")
-    assert veil.marker.symbol == "square" and veil.marker.color.startswith("rgba(255,255,255")  # dimmed
+    assert veil.marker.line.color.startswith("rgba(255,255,255")  # dimmed, the same shape as the cell
+    assert veil.marker.symbol == cells.symbol and veil.marker.size == cells.size
 
 
 def test_ranked_colours_skip_grey_and_differ():

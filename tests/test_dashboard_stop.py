@@ -11,18 +11,9 @@ from streamlit.testing.v1 import AppTest
 from core.workbench import PlanRequest
 
 from .browser import browser_page, require_chromium, streamlit_server, wait_for_app
-from .test_dashboard import APP, goto, scores
+from .test_dashboard import APP, app, goto, scores  # noqa: F401 - ``app`` is a fixture
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture()
-def app(dashboard_home_copy, monkeypatch) -> AppTest:
-    monkeypatch.setenv("MOESCOPE_HOME", str(dashboard_home_copy))
-    at = AppTest.from_file(APP, default_timeout=300)
-    at.run()
-    assert not at.exception
-    return at
 
 
 def test_scores_show_their_95_percent_interval(app):

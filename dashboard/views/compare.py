@@ -77,11 +77,23 @@ extra = st.session_state.setdefault("cmp_extra_paths", [])
 active = st.session_state.get("profile_path")
 candidates = list(dict.fromkeys(str(Path(p).resolve()) for p in [*([active] if active else []), *paths, *extra]))
 profiles: dict[str, Profile] = {}
+other_shapes = 0
+added = {str(Path(p).resolve()) for p in extra}
 for path in candidates:
     try:
-        profiles[path] = Profile(path)
+        profile = Profile(path)
     except MoEScopeError:
-        pass  # a damaged or half-written file in the folder: not offered
+        continue  # a damaged or half-written file in the folder: not offered
+    # the folder may hold profiles of other models: offer those of the loaded model's shape (its fine-tunes and
+    # pruning plans); a profile added by path is always offered, and a mismatch is then said in one sentence
+    if mm is not None and path not in added and (profile.meta.n_experts != mm.n_experts
+                                                  or list(profile.meta.layers) != list(mm.layer_indices)):
+        other_shapes += 1
+        continue
+    profiles[path] = profile
+if other_shapes:
+    st.caption(f"{other_shapes} profile(s) in the dashboard's folder are of models of another shape and are not "
+               f"offered; add one by path to compare it anyway.")
 
 with st.expander("Add a profile by path"):
     with st.form("cmp_add", border=False):
