@@ -80,7 +80,7 @@ def test_every_page_in_chromium(tmp_path, dashboard_home_copy):
 
         open_page(page, "Utilization", "Selected expert")
         points = page.locator(".js-plotly-plot .scatterlayer .trace").first.locator("path.point")
-        points.first.wait_for(timeout=SLOW)
+        points.first.wait_for(state="attached", timeout=SLOW)  # cells are bars: a path with no area of its own
         assert points.count() == 4 * 8  # one square per (MoE layer, expert)
         cell = points.nth(2 * 8 + 5)  # row 2, column 5
         cell.evaluate("el => el.scrollIntoView({block: 'center'})")  # clear of Streamlit's sticky header
@@ -135,5 +135,5 @@ def test_every_page_in_chromium(tmp_path, dashboard_home_copy):
         page.get_by_role("button", name="Export checkpoint").click()
         page.get_by_test_id("stAlertContentSuccess").get_by_text("Wrote ").wait_for(timeout=SLOW)
         shoot(page, shots, "export")
-    assert sorted(p.stem for p in shots.glob("*.png")) == sorted(["model", "profile", "utilization", "tokens",
-                                                                   "prune", "prune-4-tasks", "export"])
+    assert {"model", "profile", "utilization", "tokens", "prune", "prune-4-tasks", "export"} <= \
+        {p.stem for p in shots.glob("*.png")}  # the folder may hold other tests' images (docs/screenshots)
