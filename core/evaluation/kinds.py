@@ -133,19 +133,6 @@ class MultipleChoice(TaskKind):
         return {"accuracy": [float(int(c) == int(y)) for c, y in zip(chosen, labels)],
                 "accuracy_norm": [float(int(c) == int(y)) for c, y in zip(chosen_norm, labels)]}
 
-    @staticmethod
-    def scores(examples: list[Example], logp_sum: list[float]) -> dict[str, float]:
-        """Accuracy from each option's log-likelihood, in example then option order."""
-        pairs = [(e, k) for e in range(len(examples)) for k in range(len(examples[e].scored))]
-        by_example: dict[int, list[tuple[float, int]]] = {}
-        for (e, k), lp in zip(pairs, logp_sum):
-            by_example.setdefault(e, []).append((lp, len(examples[e].scored[k])))
-        chosen = [metrics.choose_option([lp for lp, _ in v]) for _, v in sorted(by_example.items())]
-        chosen_norm = [metrics.choose_option([lp for lp, _ in v], [n for _, n in v]) for _, v in sorted(by_example.items())]
-        labels = [e.label for e in examples]
-        return {"accuracy": 100 * metrics.accuracy(chosen, labels),
-                "accuracy_norm": 100 * metrics.accuracy(chosen_norm, labels)}
-
 
 class Generative(TaskKind):
     """Greedy answers, each ended at the task's stop string, scored against the references by :meth:`scores`.
@@ -182,11 +169,8 @@ class Generative(TaskKind):
             scores["answer_logprob"] = sum(lp for lp, _ in likelihood) / max(1, sum(n for _, n in likelihood))
         return Outcome(scores, tokens, predictions, samples=samples)
 
-    def scores(self, predictions: Sequence[str], references: list[list[str]]) -> dict[str, float]:
-        """The task's metrics in percent: the means of :meth:`per_example`."""
-        return percent(self.per_example(predictions, references))[0]
-
     def per_example(self, predictions: Sequence[str], references: list[list[str]]) -> dict[str, list[float]]:
+        """Each example's value in [0, 1] of every metric of the task (its score is their mean, in percent)."""
         raise NotImplementedError
 
 
