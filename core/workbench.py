@@ -316,6 +316,12 @@ class Workbench:
                 self._front_changed.wait(left)
         return True
 
+    def serving_user(self):
+        """A context in which the page serves the user (a slider move's whole rerun, not only its plan and
+        scores): the look-ahead waits meanwhile. Between the page's calls it would otherwise resume, and its
+        forwards (Python-heavy on a tiny model) would hold the GIL against the page and the web server."""
+        return self._foreground()
+
     @contextmanager
     def _foreground(self):
         """Marks a call made for the user: the look-ahead waits, and stops what it has started."""
@@ -349,6 +355,22 @@ class Workbench:
 
     def _look_ahead(self) -> None:
         self._background.active = True
+        # Progress callbacks come between batches, and one calibration batch of a 24 x 128 model took 3 s on
+        # CPU: a hook before every MoE block also stops a forward part-way, so the user's call waits for one
+        # block at most. It raises only in this thread; forwards stopped this way cache nothing (as between
+        # batches), and the `with` blocks around them restore masks and remove their own hooks.
+        handles = [layer.block.register_forward_pre_hook(self._give_way_in_forward) for layer in self.mm.layers]
+        try:
+            self._serve_look_ahead()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _give_way_in_forward(self, *_: Any) -> None:
+        if threading.current_thread() is self._ahead_thread:
+            self._give_way()
+
+    def _serve_look_ahead(self) -> None:
         while True:
             with self._lock:
                 while (not self._ahead or self._front) and self.look_ahead:

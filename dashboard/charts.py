@@ -1,7 +1,8 @@
 """Plotly figures from precomputed tables (as bertviz does: the chart never runs a model).
 
-The layer × expert grids are scatters of square markers, not ``go.Heatmap``: Streamlit returns no points
-for clicks on a heatmap, and clicking a cell is how users pick an expert to inspect.
+The layer × expert grids are drawn by ``go.Heatmap`` (cells in data units, so they stay right when Streamlit
+scales a figure to the page) under an invisible scatter, one point per cell: Streamlit returns no points for
+clicks on a heatmap, and clicking a cell is how users pick an expert to inspect.
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def _grid_size(n_experts: int, n_layers: int) -> tuple[float, float, int, int]:
     return width, height, int(round(n_experts * width)), int(round(n_layers * height))
 
 
+NARROWEST_GRID = 600  # px: the plot area of a grid narrowed to a laptop page's column, with the sidebar open
+
+
 def _every(cell: float, room: float) -> int:
     """Label every n-th row or column so that labels ``room`` pixels apart do not overlap."""
     return max(1, int(np.ceil(room / cell)))
@@ -105,33 +109,38 @@ def expert_grid(df: pd.DataFrame, value: str, title: str, colorbar: str, divergi
     values = df[value].to_numpy(float)
     if diverging:
         bound = float(np.abs(values).max()) or 1.0
-        colour = {"colorscale": "RdBu_r", "cmin": -bound, "cmax": bound}
+        colour = {"colorscale": "RdBu_r", "zmin": -bound, "zmax": bound}
     else:
-        colour = {"colorscale": "Viridis", "cmin": 0.0, "cmax": float(values.max()) or 1.0}
+        colour = {"colorscale": "Viridis", "zmin": 0.0, "zmax": float(values.max()) or 1.0}
     where = "rank %{x:d} · " if x != "expert" else ""
-    # Each cell is a scatter point drawn as a vertical bar ("line-ns": its length is the row height, its stroke
-    # the column width), so cells are rectangles that touch at any aspect: a heatmap trace would draw them too,
-    # but clicks select scatter points, which the pages' click-through relies on.
-    overlap = 0.6 if gap == 0 else 0  # a fraction of a pixel more, so antialiasing leaves no hairline gaps
-    bar = {"symbol": "line-ns", "size": row_height - gap + overlap}
+    cols = np.arange(lo, hi + 1)
+    z = np.full((len(layers), n_cols), np.nan)
+    z[y.to_numpy(), df[x].to_numpy(int) - lo] = values
+    # Curve 0 takes the clicks and the hover: one invisible square per cell (the pages read a click's customdata).
+    # The colours are a heatmap underneath: its cells are in data units, so they touch and stay under their
+    # points whatever width Streamlit gives the figure (pixel-sized markers overlapped their neighbours when a
+    # 128-expert grid was scaled to the page, and a click then picked the wrong expert or none).
+    hidden = {"opacity": 0}
     fig = go.Figure(go.Scatter(
         x=df[x], y=y, mode="markers", name="",
-        marker={**bar, "color": values,
-                "line": {"width": cell - gap + overlap, "color": values, "colorscale": colour["colorscale"],
-                         "cmin": colour["cmin"], "cmax": colour["cmax"]},
-                "colorbar": {"title": {"text": colorbar, "side": "right"}, "tickformat": value_format,
-                             "x": 1, "xanchor": "left", "xpad": 10, "thickness": 18, "len": 1,
-                             "lenmode": "fraction"}, **colour},
+        marker={"symbol": "square", "size": max(4.0, min(cell, row_height)), "opacity": 0, "color": "#000"},
+        selected={"marker": hidden}, unselected={"marker": hidden},
         customdata=np.stack([df["layer"], df["expert"], values], axis=1),
         hovertemplate=f"layer %{{customdata[0]:d}} · {where}expert %{{customdata[1]:d}}<br>{colorbar}: "
                       f"%{{customdata[2]:{value_format}}}<extra></extra>"))
+    fig.add_trace(go.Heatmap(
+        x=cols, y=np.arange(len(layers)), z=z, name="cells", hoverinfo="skip", xgap=gap, ygap=gap, **colour,
+        colorbar={"title": {"text": colorbar, "side": "right"}, "tickformat": value_format, "x": 1,
+                  "xanchor": "left", "xpad": 10, "thickness": 18, "len": 1, "lenmode": "fraction"}))
     if len(dropped):  # dimmed under a pale veil, not crossed: readable at 256 experts
         d = pd.DataFrame(list(dropped), columns=["layer", "expert"])
-        d = d[d["layer"].isin(row) & d["expert"].between(lo, hi)]
-        fig.add_trace(go.Scatter(x=d["expert"], y=d["layer"].map(row), mode="markers", name="dropped",
-                                 hoverinfo="skip", marker={**bar, "color": "rgba(255,255,255,0.78)",
-                                                           "line": {"width": cell - gap + overlap,
-                                                                    "color": "rgba(255,255,255,0.78)"}}))
+        # the dropped experts' columns (expert ids, or ranks in the ranked view) among the cells shown
+        d = d.merge(df[["layer", "expert"] + ([x] if x != "expert" else [])], on=["layer", "expert"])
+        veil = np.full_like(z, np.nan)
+        veil[d["layer"].map(row).to_numpy(int), d[x].to_numpy(int) - lo] = 1
+        pale = "rgba(255,255,255,0.78)"
+        fig.add_trace(go.Heatmap(x=cols, y=np.arange(len(layers)), z=veil, name="dropped", hoverinfo="skip",
+                                 xgap=gap, ygap=gap, colorscale=[[0, pale], [1, pale]], showscale=False))
     if selected is not None and selected[0] in row:
         at = df[(df["layer"] == selected[0]) & (df["expert"] == selected[1])][x]
         if len(at):
@@ -140,13 +149,16 @@ def expert_grid(df: pd.DataFrame, value: str, title: str, colorbar: str, divergi
                           line={"width": 3, "color": "#d62728"}, layer="above")
     notes = row_notes or {}
     left = 70 + (8 * max((len(n) for n in notes.values()), default=0) if notes else 0)
-    # margins fixed around a plot area of exactly the cells' size (markers are sized in pixels, not data units);
-    # the colour bar sits in the right margin
+    # margins fixed around a plot area of the cells' size; the colour bar sits in the right margin. Streamlit
+    # narrows a figure wider than the page's column (the height stays), so the expert labels are spaced for a
+    # plot area as narrow as NARROWEST_GRID pixels and kept level (Plotly would tilt crowded labels into the
+    # axis title)
     fig.update_layout(title={"text": title, "x": 0}, width=width + left + 130, height=height + 100, font=FONT,
                       showlegend=False, margin={"l": left, "r": 130, "t": 50, "b": 50, "autoexpand": False},
                       plot_bgcolor="white",
                       clickmode="event+select", dragmode=False)
-    fig.update_xaxes(title=x_title, tickmode="linear", tick0=lo, dtick=_every(cell, 30) if n_cols > 16 else 1,
+    dtick = _every(min(cell, NARROWEST_GRID / n_cols), 36) if n_cols > 16 else 1
+    fig.update_xaxes(title=x_title, tickmode="linear", tick0=lo, dtick=dtick, tickangle=0,
                      range=[lo - 0.5, hi + 0.5], showgrid=False, zeroline=False, fixedrange=True)
     step = _every(row_height, 16)
     shown = [i for i in range(len(layers)) if i % step == 0]

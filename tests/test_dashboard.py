@@ -3,18 +3,17 @@ what is shown, and bad input becomes a message on the page (never an exception).
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from core.model import load_model
 from core.profiling import profile_texts
+from tests.plotly_spec import grid_cells, plotly_values
 from tests.tiny_models import write_lm_task
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
@@ -68,13 +67,6 @@ def score(at: AppTest, task: str) -> tuple[float, float]:
 
 def metric(at: AppTest, label_start: str) -> str:
     return next(m.value for m in at.metric if m.label.startswith(label_start))
-
-
-def plotly_values(value) -> list[float]:
-    """Plotly sends numpy arrays as {"dtype", "bdata": base64}; lists stay lists."""
-    if isinstance(value, dict):
-        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).tolist()
-    return list(value)
 
 
 def test_model_page_summarises_the_sample_model_and_survives_bad_paths(app, tmp_path, tiny_models):
@@ -136,7 +128,7 @@ def test_utilization_controls_change_the_views(app):
     goto(app, "utilization")
 
     def grid() -> list[float]:
-        return plotly_values(json.loads(app.get("plotly_chart")[0].proto.spec)["data"][0]["marker"]["color"])
+        return grid_cells(json.loads(app.get("plotly_chart")[0].proto.spec))["values"]
 
     share = grid()
     app.radio(key="util_value").set_value("count").run()
@@ -148,8 +140,8 @@ def test_utilization_controls_change_the_views(app):
     # token counts do not compare between tasks of different sizes: not offered here, rather than ignored
     assert not {"count", "Token count"} & set(app.radio(key="util_diff_value").options)
     spec = json.loads(app.get("plotly_chart")[0].proto.spec)
-    assert "percentage points" in spec["data"][0]["marker"]["colorbar"]["title"]["text"]
-    assert "%" not in spec["data"][0]["marker"]["colorbar"]["tickformat"]
+    assert "percentage points" in grid_cells(spec)["colorbar"]["title"]["text"]
+    assert "%" not in grid_cells(spec)["colorbar"]["tickformat"]
     assert 1 < max(abs(v) for v in grid()) <= 100  # in points, not fractions shown as "+40.0%"
     assert all("JSD" in t for t in spec["layout"]["yaxis"]["ticktext"])  # each layer's divergence beside its row
     assert json.loads(app.get("plotly_chart")[0].proto.config)["displayModeBar"]  # the chart can be saved
@@ -160,8 +152,8 @@ def test_utilization_controls_change_the_views(app):
     # ranked: each layer's squares sorted by usage, most used first; a click still names the expert's id
     app.radio[0].set_value("One task, experts ranked").run()
     app.radio(key="util_value").set_value("share").run()
-    trace = json.loads(app.get("plotly_chart")[0].proto.spec)["data"][0]
-    values, rows = plotly_values(trace["marker"]["color"]), plotly_values(trace["y"])
+    cells = grid_cells(json.loads(app.get("plotly_chart")[0].proto.spec))
+    trace, values, rows = cells["trace"], cells["values"], cells["rows"]
     for row in set(rows):
         in_row = [v for v, r in zip(values, rows) if r == row]
         assert in_row == sorted(in_row, reverse=True) and len(in_row) == 8
@@ -224,9 +216,9 @@ def test_prune_page_updates_when_the_ratio_moves_and_reports_failures(app, tmp_p
     assert app.session_state["plan"].layers[0].__len__() == 2
     grid = next(json.loads(c.proto.spec) for c in app.get("plotly_chart")
                 if json.loads(c.proto.spec)["layout"]["title"]["text"].startswith("Kept experts"))
-    dropped = next(t for t in grid["data"] if t["name"] == "dropped")
-    assert "rgba(255,255,255" in dropped["marker"]["line"]["color"]  # dimmed, not crossed
-    assert len(plotly_values(dropped["x"])) == 4 * 6  # 6 of 8 dropped in each of 4 layers
+    cells = grid_cells(grid)
+    assert all("rgba(255,255,255" in c for c in cells["veil"])  # dimmed, not crossed
+    assert cells["dropped"] == 4 * 6  # 6 of 8 dropped in each of 4 layers
     ticks = grid["layout"]["yaxis"]["ticktext"]
     assert len(ticks) == 4 and all(t.endswith("% kept") for t in ticks)  # each layer's kept share as a number
     assert not any("top1_agreement" in d.value.columns for d in app.dataframe)  # off by default: quicker

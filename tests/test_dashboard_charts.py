@@ -106,18 +106,24 @@ def test_expert_grid_sizes_itself_to_the_model(n_layers, n_experts):
     assert fig.layout.height <= 1100 and fig.layout.width <= 1700  # height follows the layers
     # 8 x 256 was a 4-pixel strip with overlapping colour-bar ticks: rows now stay tall enough to read and click
     assert row >= (22 if n_layers <= 40 else 14) and plot_h >= 88
-    cells = fig.data[0].marker
-    assert cells.size >= row - 2 and cells.line.width >= col - 2  # rectangles fill their cell: no gaps at density
-    if n_experts >= 128:
-        assert cells.size >= row and cells.line.width >= col
+    clicks, cells = fig.data[0], next(t for t in fig.data if t.type == "heatmap" and t.name == "cells")
+    # cells are drawn in data units (a heatmap), so they stay under their click points however wide Streamlit
+    # makes the figure; they touch at density
+    assert cells.z.shape == (n_layers, n_experts) and list(cells.x) == list(range(n_experts))
+    assert (cells.xgap, cells.ygap) == ((0, 0) if n_experts >= 128 else (2, 2))
+    # curve 0 (the pages read clicks from it) has one invisible point per cell, naming its layer and expert
+    assert clicks.type == "scatter" and clicks.marker.opacity == 0 and len(clicks.customdata) == n_layers * n_experts
+    layer, expert = clicks.customdata[n_experts + 5][:2]
+    assert (layer, expert) == (1, 5) and cells.z[1][5] == clicks.customdata[n_experts + 5][2]
     labels = fig.layout.yaxis.ticktext
     assert len(labels) * 16 <= n_layers * row + 16  # at least 16 px per label: they never overlap
     assert labels[0] == "0 · 50% kept"
     x_labels = (n_experts - 1) // fig.layout.xaxis.dtick + 1
-    assert x_labels * 30 <= n_experts * col + 30
+    narrowest = charts.NARROWEST_GRID / n_experts  # the column width once Streamlit fits the grid to a laptop page
+    assert x_labels * 36 <= n_experts * min(col, narrowest) + 36 and fig.layout.xaxis.tickangle == 0
     veil = next(t for t in fig.data if t.name == "dropped")
-    assert veil.marker.line.color.startswith("rgba(255,255,255")  # dimmed, the same shape as the cell
-    assert veil.marker.symbol == cells.symbol and veil.marker.size == cells.size
+    assert all(c.startswith("rgba(255,255,255") for _, c in veil.colorscale)  # dimmed, the same shape as the cell
+    assert np.argwhere(~np.isnan(np.array(veil.z, float))).tolist() == [[0, 1]]
 
 
 def test_ranked_colours_skip_grey_and_differ():

@@ -4,7 +4,6 @@ per-layer Jensen–Shannon divergence, the difference grid in percentage points 
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from core.plan import Plan
 from core.profile_compare import NO_REPLACEMENT, js_divergence_per_layer, reroute_flows
 from core.routing_profile import Profile
 from dashboard import compare_charts
+from tests.plotly_spec import grid_cells
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 PLAN = Plan(layers={layer: [0, 2, 4, 6] for layer in range(4)})  # the sample model: 4 MoE layers x 8 experts
@@ -27,11 +27,6 @@ def chart(at: AppTest, key: str) -> dict:
     return json.loads(next(c for c in at.get("plotly_chart") if key in c.proto.id).proto.spec)
 
 
-def values(v) -> list[float]:
-    """Plotly sends numpy arrays as {"dtype", "bdata": base64}; lists stay lists."""
-    if isinstance(v, dict):
-        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).tolist()
-    return list(v)
 
 
 def test_flow_sankey_names_dropped_experts_and_missing_replacements():
@@ -76,8 +71,8 @@ def test_compare_page_records_under_the_plan_and_shows_divergence_difference_and
     assert (js["jsd_bits"] > 0).all()  # a plan that drops half the experts changes every layer
     assert next(m.value for m in at.metric if m.label.startswith("Mean JS")) == f"{js['jsd_bits'].mean():.3f} bits"
     grid = chart(at, "cmp_grid")
-    assert grid["data"][0]["marker"]["colorbar"]["title"]["text"] == "B − A (pp)"
-    diffs = values(grid["data"][0]["marker"]["color"])
+    assert grid_cells(grid)["colorbar"]["title"]["text"] == "B − A (pp)"
+    diffs = grid_cells(grid)["values"]
     assert len(diffs) == 4 * 8 and min(diffs) < 0 < max(diffs)  # dropped experts lose, kept ones gain
     assert sum(diffs) == pytest.approx(0.0, abs=1e-6)  # each layer's shares sum to 100 % in both
     assert f"JS {js['jsd_bits'].iloc[0]:.3f}" in " ".join(grid["layout"]["yaxis"]["ticktext"])

@@ -151,6 +151,49 @@ def test_look_ahead_gives_way_to_the_user_and_retries_afterwards(mm):
     assert bench.is_cached(PlanRequest("frequency", "qa", keep=5), ["qa"], "test", 12)
 
 
+def test_look_ahead_stops_part_way_through_a_forward_when_the_user_arrives(mm):
+    """Progress callbacks come between batches, and one calibration batch of a 24 x 128 model took 3 s: the
+    look-ahead must also stop inside a forward, before the next MoE block, so the user waits for one block."""
+    bench = Workbench(mm)
+    hooks_before = sum(len(layer.block._forward_pre_hooks) for layer in mm.layers)
+    arrived, blocks_after_arrival, waits = threading.Event(), [], []
+
+    def in_background() -> bool:
+        return threading.current_thread().name == "moescope-look-ahead"
+
+    def hold_first_block(module, args, output):  # the look-ahead's first forward pauses after block 0 ...
+        if in_background() and not waits:
+            waits.append(1)
+            arrived.set()
+            deadline = time.monotonic() + 120
+            while not bench._front and time.monotonic() < deadline:  # ... until the user's call has begun
+                time.sleep(0.005)
+
+    def count(module, args, output):
+        if in_background() and bench._front:
+            blocks_after_arrival.append(module)
+
+    handles = [mm.layers[0].block.register_forward_hook(hold_first_block)]
+    handles += [layer.block.register_forward_hook(count) for layer in mm.layers[1:]]
+    try:
+        bench.prefetch([PlanRequest("frequency", "qa", keep=5)], ["qa"], "test", 12)
+        assert arrived.wait(120)
+        user = PlanRequest("frequency", "qa", keep=3)
+        bench.compare(bench.plan(user), ["qa"], "test", 12, agreement=False)
+        assert bench.look_ahead_stats["gave_way"] >= 1 and bench.look_ahead_stats["failed"] == 0
+        # without the hooks the paused forward ran its other 3 blocks before giving way between batches
+        assert blocks_after_arrival == []
+        assert bench.wait_for_look_ahead(timeout=600)
+        assert bench.look_ahead_stats["scored"] == 1  # retried after the user's call, and finished
+        assert bench.is_cached(PlanRequest("frequency", "qa", keep=5), ["qa"], "test", 12)
+        assert bench.is_cached(user, ["qa"], "test", 12)
+    finally:
+        for handle in handles:
+            handle.remove()
+        bench.close()
+    assert sum(len(layer.block._forward_pre_hooks) for layer in mm.layers) == hooks_before  # its hooks are gone
+
+
 def test_a_streamed_comparison_estimates_from_the_first_batch_then_refines(mm):
     bench = Workbench(mm)
     plan = bench.plan(PlanRequest("frequency", "qa", keep=3))

@@ -279,6 +279,24 @@ def test_weights_digest_reads_only_router_tensors(model_type, tmp_path, tiny_mod
     assert mm.weights_digest() == in_memory != MoEModel(mm.model, source="tiny-in-memory").weights_digest()
 
 
+def test_weights_digest_is_read_once_while_the_shards_are_unchanged(tmp_path, tiny_models, monkeypatch):
+    """The dashboard asks for the digest on every rerun: the shards are read again only once they change."""
+    import safetensors
+
+    src = save_checkpoint(tiny_models.model("mixtral"), tmp_path / "src")
+    mm = load_model(src)
+    first = mm.weights_digest()
+    SpyOpen.reads = []
+    monkeypatch.setattr(safetensors, "safe_open", SpyOpen)
+    assert mm.weights_digest() == first and SpyOpen.reads == []
+    changed = tiny_models.model("mixtral")
+    with torch.no_grad():
+        for layer in MoEModel(changed).layers:
+            next(layer.router.parameters()).add_(1.0)
+    changed.save_pretrained(src)  # the same folder now holds other routers: the digest follows the files
+    assert mm.weights_digest() != first and SpyOpen.reads
+
+
 def test_probs_mapped_plans_export_fitted_routers_from_a_loaded_model_only(tmp_path, tiny_models):
     """A 'probs'-mapped merge gets linear routers fitted on the loaded model (core.router_fit): both exports write
     the same tensors, and the checkpoint routes as the masked model (one-hot R: the fit is exact). Without a

@@ -91,6 +91,15 @@ def searched_plan(request: PlanRequest):
 
 @st.fragment
 def bench_panel() -> None:
+    with bench.serving_user():  # the look-ahead waits until the page has answered the user's move
+        shown = plan_and_score()
+    if shown is not None:  # while the user reads the result, score the settings next to it (Workbench.prefetch)
+        request, evaluate, limit, agreement = shown
+        bench.prefetch(bench.neighbours(request), evaluate, "test", limit or None, agreement)
+
+
+def plan_and_score() -> tuple | None:
+    """The controls, the plan and its scores; the setting shown (for the look-ahead), or None if nothing was."""
     c1, c2, c3 = st.columns([3, 3, 2])
     method = c1.selectbox("Method", list(METHODS), index=list(METHODS).index("frequency"),
                           format_func=lambda m: METHODS[m].label, key="prune_method", persist_state="session")
@@ -128,20 +137,20 @@ def bench_panel() -> None:
         else:
             plan = calibrated_plan(request)
     if plan is None:
-        return
+        return None
     if st.session_state.get("prune_last_made") is not plan:  # a plan chosen on the Plans page stays chosen
         st.session_state["prune_last_made"] = plan  # the workbench hands out one object per setting
         state.remember_plan(mm, plan)  # kept on disk too: a reload of the browser finds it again
     render_lm_eval_panel(mm, plan)  # standard benchmarks on request, in the background (collapsed)
     if not evaluate:
         st.warning("Choose at least one evaluation task.")
-        return
+        return None
     scored = bench.is_scored(plan, evaluate, "test", limit or None, agreement)
     key = f"scoring_{plan.digest()}_{'_'.join(evaluate)}_{limit}_{agreement}"
     if not scored and state.stopped(key):
         st.warning("Scoring was stopped; the scores of the tasks it finished are kept.")
         st.button("Score again", key="rescore", on_click=state.clear_stopped, args=(key,))
-        return
+        return None
     with state.shown_errors("Evaluation"), state.Progress() as bar:
         early = st.empty()  # the first batch's estimate, while the rest of the examples are scored
         with state.stoppable(key, "Stop scoring") if not scored else nullcontext():
@@ -151,8 +160,7 @@ def bench_panel() -> None:
         early.empty()
         show_result(plan, result)
         show_tradeoff(plan, result, evaluate, calibration, top_k)
-    # while the user reads the result, score the settings next to it in the background (see Workbench.prefetch)
-    bench.prefetch(bench.neighbours(request), evaluate, "test", limit or None, agreement)
+    return request, evaluate, limit, agreement
 
 
 def calibrated_plan(request: PlanRequest):
