@@ -218,8 +218,8 @@ class MoEModel:
 
         if not has_safetensors(self.source):
             return None
-        return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                            for f in Path(self.source).iterdir() if f.name.endswith((".safetensors", ".json"))))
+        files = [f for f in Path(self.source).iterdir() if f.name.endswith((".safetensors", ".json"))]
+        return tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f, st in ((f, f.stat()) for f in files)))
 
     def info(self) -> ModelInfo:
         params = list(self.model.parameters())

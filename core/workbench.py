@@ -3,8 +3,9 @@ beside the unpruned model's, cached so that returning to a setting is instant.
 
 While the user looks at a result, :meth:`Workbench.prefetch` plans and scores the settings they are likely to
 try next (:meth:`Workbench.neighbours`) on a background thread, so that moving a control usually lands on a
-cached result. The look-ahead gives way to the user's own work: it waits while a foreground call runs, and what
-it has started stops at its next decoding step or scoring batch when a foreground call begins (retried later).
+cached result. The look-ahead gives way to the user's own work: it waits while a foreground call (or a page
+rerun, :meth:`Workbench.serving_user`) runs, and what it has started stops at its next MoE block, decoding step
+or scoring batch when a foreground call begins (retried later).
 
 The dashboard's pruning controls call only this. Score-based methods (frequency, soft activation, REAP)
 make their calibration pass once per calibration task; every ratio after that is a sort. Searches (EEP,

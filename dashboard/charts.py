@@ -70,13 +70,13 @@ def ranked_colour(rank: int) -> str:
 
 
 def _grid_size(n_experts: int, n_layers: int) -> tuple[float, float, int, int]:
-    """Cell width and height, and the plot area's width and height, in pixels. Columns fill about 1100 pixels across (4 to 56
-    each); rows are square where the layers fit on one screen, never shorter than the columns are wide, and at
-    least 22 pixels up to 40 layers (8 layers × 256 experts is a readable band, not a strip), 14.75 pixels at 61
-    layers; so the colour bar always has room for its ticks."""
+    """Cell width and height, and the plot area's width and height, in pixels. Columns fill about 1100 pixels
+    across (4 to 56 each); rows are square where the layers fit on one screen, never shorter than the columns
+    are wide, and at least 22 pixels up to 40 layers (8 layers × 256 experts is a readable band, not a strip),
+    14.75 pixels at 61 layers; so the colour bar always has room for its ticks."""
     width = float(np.clip(1100 / n_experts, 4, 56))
     height = float(np.clip(min(900 / n_layers, max(width, 22)), 12, 56))
-    return width, height, int(round(n_experts * width)), int(round(n_layers * height))
+    return width, height, round(n_experts * width), round(n_layers * height)
 
 
 NARROWEST_GRID = 600  # px: the plot area of a grid narrowed to a laptop page's column, with the sidebar open

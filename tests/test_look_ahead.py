@@ -43,7 +43,8 @@ def test_weighted_interval_centres_on_the_token_weighted_mean():
 
 def test_wilson_interval_stays_open_at_zero_and_matches_a_textbook_value():
     low, high = wilson_interval(0, 20)
-    assert low == pytest.approx(0.0, abs=1e-9) and 15 < high < 17  # 0 of 20: Wilson upper bound 16.1%, the normal interval would be [0, 0]
+    # 0 of 20: Wilson's upper bound is 16.1%, where the normal interval would be [0, 0]
+    assert low == pytest.approx(0.0, abs=1e-9) and 15 < high < 17
     low, high = wilson_interval(10, 20)
     assert low == pytest.approx(29.9, abs=0.1) and high == pytest.approx(70.1, abs=0.1)
     assert score_interval([0.0] * 20) == (low0 := wilson_interval(0, 20)) and low0[1] > 0
